@@ -1,0 +1,515 @@
+// Selection-attention decode kernel (S == 1).
+//
+// Grid:  rows * splits blocks, rows = b * g; the `splits` blocks of one (b, g) row form one thread
+//        block cluster (sm_90) and each takes an equal share of the row's selected 64-token tiles.
+// Block: kWarps warps. Warp w owns m-tile (w % MT) of 16 query heads and token slice (w / MT) of
+//        each 64-token tile, so every selected K/V row is loaded once per block for all heads.
+//
+// Data flow per block: the clamped ranges of the row go to shared memory with their exclusive
+// prefix sums, so the selected tokens form one virtual sequence of length total. Tiles of 64
+// positions of that sequence stream through a cp.async pipeline (zero-filled past the end: a row
+// that is not selected is never read); tensor cores compute S = Q K^T and O += P V with fp32
+// accumulation and an online softmax in exp2 form. Warps of one m-tile then merge their states in
+// shared memory, and the blocks of a cluster merge theirs through distributed shared memory in
+// split order, so the result is deterministic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define NSA_SEL_HAS_CLUSTERS 1
+#endif
+
+#include "nsa_sel/sel_attention.h"
+
+namespace nsa_sel {
+
+template <typename T, int DK, int DV, int MT>
+struct DecodeTraits {
+  static constexpr int kTile = 64;                  // tokens per pipeline stage
+  static constexpr int kWarps = MT == 1 ? 4 : 8;    // 128 or 256 threads
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kSlices = kWarps / MT;       // token slices of a tile
+  static constexpr int kTokPerWarp = kTile / kSlices;
+  static constexpr int kStages = 2;                 // K/V tiles in shared memory
+  static constexpr int kTokBufs = kStages + 1;      // token-index buffers (see the main loop)
+  static constexpr int kChunksK = DK * 2 / 16;      // 16-byte chunks per K row
+  static constexpr int kChunksV = DV * 2 / 16;
+  static constexpr int kHeads = MT * 16;            // padded heads
+  static constexpr int kOStride = DV + 4;           // fp32 row stride of merge buffers
+
+  static_assert(sizeof(T) == 2, "T must be a 16-bit float type");
+  static_assert(DK % 64 == 0 && DV % 64 == 0, "the XOR swizzle needs rows of 8k 16-byte chunks");
+  static_assert(kTokPerWarp % 16 == 0, "a warp's token slice must be whole k16 steps");
+  static_assert(kSlices * MT == kWarps, "warps must tile (m-tile, slice) exactly");
+  static_assert((kTile * kChunksK) % kThreads == 0 && (kTile * kChunksV) % kThreads == 0,
+                "every thread issues the same number of K/V chunks");
+
+  // Shared memory layout (bytes), all offsets multiples of 16.
+  static constexpr int kQBytes = kHeads * DK * 2;
+  static constexpr int kKStageBytes = kTile * DK * 2;
+  static constexpr int kVStageBytes = kTile * DV * 2;
+  static constexpr int kKVBytes = kStages * (kKStageBytes + kVStageBytes);
+  // After the main loop the K/V stages are reused for the merges.
+  static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
+  static constexpr int kMergeBytes = (kSlices - 1) * kStateBytes;
+  static constexpr int kUnionBytes = kKVBytes > kMergeBytes ? kKVBytes : kMergeBytes;
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffKV = kOffQ + kQBytes;
+  static constexpr int kOffTok = kOffKV + kUnionBytes;
+  static constexpr int kOffRanges = kOffTok + kTokBufs * kTile * 4;
+  static_assert(kStateBytes <= kUnionBytes, "cluster partial state must fit the union");
+
+  static constexpr int smem_bytes(int64_t n) {
+    return kOffRanges + static_cast<int>(n) * 8 + 16;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers (sm_80+).
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; with valid == false it writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of `chunks`-chunk rows. The XOR
+// swizzle spreads the 8 rows an ldmatrix reads over all 32 banks.
+__device__ __forceinline__ int swz(int row, int chunk, int chunks) {
+  return (row * chunks + (chunk ^ (row & 7))) * 16;
+}
+
+__device__ __forceinline__ int64_t load_idx(const void* base, int32_t type, int64_t off) {
+  return type == NSA_SEL_I64 ? static_cast<const int64_t*>(base)[off]
+                             : static_cast<int64_t>(static_cast<const int32_t*>(base)[off]);
+}
+
+// Online-softmax state merge: (m, l, o) absorbs (m2, l2, o2), both in the log2 domain.
+// An empty state has m = -inf and l = 0; the reference point falls back to 0 when both maxima are
+// -inf, so (-inf) - (-inf) never turns into NaN and an empty merge stays exactly empty.
+__device__ __forceinline__ void merge_weights(float m, float m2, float& w, float& w2, float& mm) {
+  mm = fmaxf(m, m2);
+  const float ref = mm == -INFINITY ? 0.f : mm;
+  w = exp2f(m - ref);
+  w2 = exp2f(m2 - ref);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int DK, int DV, int MT>
+__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
+    sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits) {
+  using Tr = DecodeTraits<T, DK, DV, MT>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* q_s = smem + Tr::kOffQ;
+  unsigned char* kv_s = smem + Tr::kOffKV;
+  int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::kOffTok);          // [kTokBufs][64]
+  int32_t* excl_s = reinterpret_cast<int32_t*>(smem + Tr::kOffRanges);      // [n]
+  int32_t* key_s = excl_s + p.n;                                            // [n]
+  int32_t* total_s = key_s + p.n;                                           // [1]
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int mt = warp % MT;     // this warp's m-tile of 16 heads
+  const int slice = warp / MT;  // this warp's token slice of each tile
+
+  const int64_t row = blockIdx.x / splits;
+  const int split = static_cast<int>(blockIdx.x % splits);
+  const int64_t b = row / p.g;
+  const int64_t g = row % p.g;
+
+  // Causal limit for the single query (t = kv_len - 1): lim = kv_len, clamped into [0, s_kv] so a
+  // bad kv_lens value can never send a load out of the tensor.
+  int64_t lim = p.s_kv;
+  if (p.kv_lens != nullptr) {
+    lim = load_idx(p.kv_lens, p.kv_lens_type, b * p.kv_lens_stride_b);
+    lim = lim < 0 ? 0 : (lim > p.s_kv ? p.s_kv : lim);
+  }
+
+  const T* q_row = static_cast<const T*>(p.q) + b * p.q_stride_b + g * p.q_stride_g;
+  const T* k_row = static_cast<const T*>(p.k) + b * p.k_stride_b + g * p.k_stride_g;
+  const T* v_row = static_cast<const T*>(p.v) + b * p.v_stride_b + g * p.v_stride_g;
+
+  // Q of all (padded) heads; heads >= h are zero-filled and never stored.
+  for (int c = tid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
+    const int hh = c / (DK / 8), ch = c % (DK / 8);
+    const bool valid = hh < p.h;
+    const T* src = valid ? q_row + hh * p.q_stride_h + ch * 8 : q_row;
+    cp_async16(q_s + swz(hh, ch, Tr::kChunksK), src, valid);
+  }
+  cp_async_commit();
+
+  // Clamped ranges -> (exclusive prefix of lengths, start - prefix), by warp 0 in chunks of 32.
+  if (warp == 0) {
+    const unsigned char* r_base = static_cast<const unsigned char*>(p.ranges);
+    const int64_t r_row = b * p.r_stride_b + g * p.r_stride_g;
+    int carry = 0;
+    for (int64_t base = 0; base < p.n; base += 32) {
+      const int64_t i = base + lane;
+      int len = 0, start = 0;
+      if (i < p.n) {
+        const int64_t off = r_row + i * p.r_stride_n;
+        int64_t s0 = load_idx(r_base, p.index_type, off);
+        int64_t e0 = load_idx(r_base, p.index_type, off + p.r_stride_e);
+        s0 = s0 < 0 ? 0 : s0;
+        e0 = e0 > lim ? lim : e0;
+        if (e0 > s0) {
+          len = static_cast<int>(e0 - s0);
+          start = static_cast<int>(s0);
+        }
+      }
+      int incl = len;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += y;
+      }
+      if (i < p.n) {
+        excl_s[i] = carry + incl - len;
+        key_s[i] = start - (carry + incl - len);
+      }
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) *total_s = carry;
+  }
+  __syncthreads();
+
+  const int total = *total_s;
+  const int n_tiles = (total + Tr::kTile - 1) / Tr::kTile;
+  const int tile_begin = static_cast<int>(static_cast<int64_t>(n_tiles) * split / splits);
+  const int tile_end = static_cast<int>(static_cast<int64_t>(n_tiles) * (split + 1) / splits);
+  const int my_tiles = tile_end - tile_begin;
+  const int n_ranges = static_cast<int>(p.n);
+
+  // Token index of each position of tile `it` (relative to tile_begin), -1 past the end.
+  auto fill_tok = [&](int it) {
+    if (tid < Tr::kTile) {
+      const int pos = (tile_begin + it) * Tr::kTile + tid;
+      int tok = -1;
+      if (pos < total) {
+        int lo = 0, hi = n_ranges;  // upper_bound(excl, pos) - 1: the last range starting <= pos
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (excl_s[mid] <= pos) lo = mid + 1; else hi = mid;
+        }
+        tok = key_s[lo - 1] + pos;
+      }
+      tok_s[(it % Tr::kTokBufs) * Tr::kTile + tid] = tok;
+    }
+  };
+  auto issue_loads = [&](int it) {
+    const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
+    unsigned char* k_st = kv_s + (it % Tr::kStages) * Tr::kKStageBytes;
+    unsigned char* v_st = kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
+#pragma unroll
+    for (int i = 0; i < Tr::kTile * Tr::kChunksK / Tr::kThreads; ++i) {
+      const int c = tid + i * Tr::kThreads;
+      const int r = c / Tr::kChunksK, ch = c % Tr::kChunksK;
+      const int t = tok[r];
+      const T* src = t >= 0 ? k_row + static_cast<int64_t>(t) * p.k_stride_t + ch * 8 : k_row;
+      cp_async16(k_st + swz(r, ch, Tr::kChunksK), src, t >= 0);
+    }
+#pragma unroll
+    for (int i = 0; i < Tr::kTile * Tr::kChunksV / Tr::kThreads; ++i) {
+      const int c = tid + i * Tr::kThreads;
+      const int r = c / Tr::kChunksV, ch = c % Tr::kChunksV;
+      const int t = tok[r];
+      const T* src = t >= 0 ? v_row + static_cast<int64_t>(t) * p.v_stride_t + ch * 8 : v_row;
+      cp_async16(v_st + swz(r, ch, Tr::kChunksV), src, t >= 0);
+    }
+  };
+
+  // Per-thread online-softmax state for rows (lane / 4) and (lane / 4 + 8) of this warp's m-tile.
+  constexpr int kNB = Tr::kTokPerWarp / 8;  // n8 score blocks per warp and tile
+  float o[DV / 8][4];
+#pragma unroll
+  for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+
+  // Prologue: tiles 0 .. kStages-2 in flight.
+#pragma unroll
+  for (int it = 0; it < Tr::kStages - 1; ++it)
+    if (it < my_tiles) fill_tok(it);
+  __syncthreads();
+#pragma unroll
+  for (int it = 0; it < Tr::kStages - 1; ++it) {
+    if (it < my_tiles) issue_loads(it);
+    cp_async_commit();
+  }
+
+  const int lr = lane & 7;          // row within an 8x8 ldmatrix matrix
+  const int lm = lane >> 3;         // which of the 4 matrices this lane addresses
+  const int tok0 = slice * Tr::kTokPerWarp;
+
+  for (int it = 0; it < my_tiles; ++it) {
+    // Token indices for tile it + kStages - 1 go to a buffer nobody reads now (kTokBufs =
+    // kStages + 1); the barrier then also guarantees every warp finished computing tile it - 1,
+    // so its K/V stage can be refilled.
+    const int nxt = it + Tr::kStages - 1;
+    if (nxt < my_tiles) fill_tok(nxt);
+    __syncthreads();
+    if (nxt < my_tiles) issue_loads(nxt);
+    cp_async_commit();
+    cp_async_wait<Tr::kStages - 1>();
+    __syncthreads();
+
+    const unsigned char* k_st = kv_s + (it % Tr::kStages) * Tr::kKStageBytes;
+    const unsigned char* v_st =
+        kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
+    const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
+
+    // S = Q K^T for 16 heads x kTokPerWarp tokens.
+    float s[kNB][4];
+#pragma unroll
+    for (int i = 0; i < kNB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, smem_addr(q_s + swz(mt * 16 + lr + 8 * (lm & 1), 2 * kk + (lm >> 1),
+                                         Tr::kChunksK)));
+#pragma unroll
+      for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, smem_addr(k_st + swz(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
+                                             2 * kk + (lm & 1), Tr::kChunksK)));
+        mma16816<T>(s[2 * nb2], a, kb[0], kb[1]);
+        mma16816<T>(s[2 * nb2 + 1], a, kb[2], kb[3]);
+      }
+    }
+
+    // Online softmax (log2 domain). Positions past the selection are -inf, so their p is 0 and
+    // their zero-filled V rows contribute exactly nothing.
+#pragma unroll
+    for (int i = 0; i < kNB; ++i) {
+      const int col = tok0 + i * 8 + (lane & 3) * 2;
+      const bool v0 = tok[col] >= 0, v1 = tok[col + 1] >= 0;
+      s[i][0] = v0 ? s[i][0] * scale_log2 : -INFINITY;
+      s[i][1] = v1 ? s[i][1] * scale_log2 : -INFINITY;
+      s[i][2] = v0 ? s[i][2] * scale_log2 : -INFINITY;
+      s[i][3] = v1 ? s[i][3] * scale_log2 : -INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kNB; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx);
+      const float ref = m_new == -INFINITY ? 0.f : m_new;  // empty so far: keep exact zeros
+      const float alpha = exp2f(m_run[r] - ref);
+      m_run[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kNB; ++i) {
+        s[i][2 * r] = exp2f(s[i][2 * r] - ref);
+        s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - ref);
+        sum += s[i][2 * r] + s[i][2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + sum;
+#pragma unroll
+      for (int i = 0; i < DV / 8; ++i) {
+        o[i][2 * r] *= alpha;
+        o[i][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V: the score accumulators are already in the A-fragment layout of the next mma.
+#pragma unroll
+    for (int ks = 0; ks < Tr::kTokPerWarp / 16; ++ks) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
+      a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
+      a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+      a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#pragma unroll
+      for (int dc = 0; dc < DV / 16; ++dc) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, smem_addr(v_st + swz(tok0 + ks * 16 + lr + 8 * (lm & 1),
+                                                   2 * dc + (lm >> 1), Tr::kChunksV)));
+        mma16816<T>(o[2 * dc], a, vb[0], vb[1]);
+        mma16816<T>(o[2 * dc + 1], a, vb[2], vb[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Row sums were per thread; a quad holds one row.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+  }
+  __syncthreads();  // K/V stages are free: reuse them for the merges
+
+  // State set k of the merge area: O [kHeads][kOStride], then m [kHeads], then l [kHeads].
+  float* merge_s = reinterpret_cast<float*>(kv_s);
+  auto state_o = [&](int set) { return merge_s + set * (Tr::kStateBytes / 4); };
+  auto state_m = [&](int set) { return state_o(set) + Tr::kHeads * Tr::kOStride; };
+  auto state_l = [&](int set) { return state_m(set) + Tr::kHeads; };
+  const int r0 = mt * 16 + (lane >> 2);  // this thread's first head row; the second is r0 + 8
+
+  auto store_state = [&](int set) {
+    float* os = state_o(set);
+#pragma unroll
+    for (int i = 0; i < DV / 8; ++i) {
+      const int col = i * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(os + r0 * Tr::kOStride + col) = make_float2(o[i][0], o[i][1]);
+      *reinterpret_cast<float2*>(os + (r0 + 8) * Tr::kOStride + col) =
+          make_float2(o[i][2], o[i][3]);
+    }
+    if ((lane & 3) == 0) {
+      state_m(set)[r0] = m_run[0];
+      state_m(set)[r0 + 8] = m_run[1];
+      state_l(set)[r0] = l_run[0];
+      state_l(set)[r0 + 8] = l_run[1];
+    }
+  };
+
+  // Merge the token slices of each m-tile into slice 0, in slice order (deterministic).
+  if (Tr::kSlices > 1) {
+    if (slice > 0) store_state(slice - 1);
+    __syncthreads();
+    if (slice == 0) {
+      for (int set = 0; set < Tr::kSlices - 1; ++set) {
+        const float* os = state_o(set);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int hr = r0 + 8 * r;
+          float w, w2, mm;
+          merge_weights(m_run[r], state_m(set)[hr], w, w2, mm);
+          m_run[r] = mm;
+          l_run[r] = l_run[r] * w + state_l(set)[hr] * w2;
+#pragma unroll
+          for (int i = 0; i < DV / 8; ++i) {
+            const float2 x =
+                *reinterpret_cast<const float2*>(os + hr * Tr::kOStride + i * 8 + (lane & 3) * 2);
+            o[i][2 * r] = o[i][2 * r] * w + x.x * w2;
+            o[i][2 * r + 1] = o[i][2 * r + 1] * w + x.y * w2;
+          }
+        }
+      }
+    }
+    __syncthreads();  // merge area free again
+  }
+
+  T* out_row = static_cast<T*>(p.out) + b * p.o_stride_b + g * p.o_stride_g;
+
+  if (splits == 1) {
+    if (slice == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int hr = r0 + 8 * r;
+        if (hr >= p.h) continue;
+        // Empty selection: l == 0 and o == 0, so the output is exactly 0 (never 0/0). NaN in the
+        // selected data keeps propagating, since NaN == 0 is false.
+        const float inv = l_run[r] == 0.f ? 0.f : 1.f / l_run[r];
+        T* dst = out_row + hr * p.o_stride_h;
+#pragma unroll
+        for (int i = 0; i < DV / 8; ++i) {
+          const int col = i * 8 + (lane & 3) * 2;
+          *reinterpret_cast<uint32_t*>(dst + col) =
+              pack2<T>(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+        }
+      }
+    }
+    return;
+  }
+
+#ifdef NSA_SEL_HAS_CLUSTERS
+  // Split-KV combine across the cluster: every block publishes its state in its own shared
+  // memory; block `split` then merges the states of all blocks, in split order, for a 1/splits
+  // share of the (head, column) outputs, reading its peers through distributed shared memory.
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (slice == 0) store_state(0);
+  cluster.sync();
+  const int n_out = static_cast<int>(p.h) * DV;
+  for (int e = split * Tr::kThreads + tid; e < n_out; e += splits * Tr::kThreads) {
+    const int hr = e / DV, col = e % DV;
+    float m_all = -INFINITY;
+    for (int k = 0; k < splits; ++k) {
+      const float* peer = cluster.map_shared_rank(state_m(0), k);
+      m_all = fmaxf(m_all, peer[hr]);
+    }
+    const float ref = m_all == -INFINITY ? 0.f : m_all;
+    float l_all = 0.f, o_all = 0.f;
+    for (int k = 0; k < splits; ++k) {
+      const float* peer_o = cluster.map_shared_rank(state_o(0), k);
+      const float* peer_m = cluster.map_shared_rank(state_m(0), k);
+      const float* peer_l = cluster.map_shared_rank(state_l(0), k);
+      const float w = exp2f(peer_m[hr] - ref);
+      l_all += peer_l[hr] * w;
+      o_all += peer_o[hr * Tr::kOStride + col] * w;
+    }
+    const float val = l_all == 0.f ? 0.f : o_all / l_all;
+    out_row[hr * p.o_stride_h + col] = static_cast<T>(val);
+  }
+  cluster.sync();  // keep every block's shared memory alive until its peers are done reading
+#endif
+}
+
+}  // namespace nsa_sel

@@ -1,0 +1,389 @@
+// GPU suite: the CUDA decode kernel against the C++ CPU reference (nsa_sel_reference_cpu).
+// Every test needs a CUDA device; without one each test is reported as SKIPPED (ctest marks the
+// suite with the "gpu" label, and the CPU-only CI run excludes it).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nsa_sel/sel_attention.h"
+
+namespace {
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
+
+bool has_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define REQUIRE_GPU() \
+  if (!has_gpu()) GTEST_SKIP() << "no CUDA device"
+
+uint16_t f2bf(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+float bf2f(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+uint16_t f2h(float f) {  // IEEE half, round to nearest even (normal range + subnormals)
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t absx = x & 0x7fffffffu;
+  if (absx > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (absx >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
+  if (absx < 0x38800000u) {                                               // subnormal half
+    float a;
+    std::memcpy(&a, &absx, 4);
+    const float scaled = a * 16777216.0f;  // 2^24
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
+  }
+  uint32_t m = absx + 0xc8000fffu + ((absx >> 13) & 1u);  // rebias 127 -> 15, round
+  return static_cast<uint16_t>(sign | (m >> 13));
+}
+float h2f(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp(static_cast<float>(man), -24);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  uint32_t u = exp == 31 ? (sign | 0x7f800000u | (man << 13))
+                         : (sign | ((exp + 112) << 23) | (man << 13));
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Case {
+  int dtype = NSA_SEL_BF16;
+  int64_t b = 1, g = 1, h = 16, d_k = 64, d_v = 64, s_kv = 256, n = 4;
+  bool kv_lens = false;
+  bool int64_ranges = false;
+  int64_t kv_pad = 0;  // extra tokens allocated past s_kv (strided cache slice)
+};
+
+// Host data + device buffers of one call, with contiguous layouts except that K/V live in a
+// cache of s_kv + kv_pad tokens (a slice of a larger preallocated cache).
+struct Problem {
+  Case c;
+  int64_t s_alloc;
+  std::vector<uint16_t> q, k, v, out;
+  std::vector<int64_t> ranges;
+  std::vector<int64_t> kv_lens;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr, *dr = nullptr, *dl = nullptr, *dout = nullptr;
+
+  explicit Problem(const Case& cc, uint64_t seed) : c(cc), s_alloc(cc.s_kv + cc.kv_pad) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    auto cvt = [&](float f) { return c.dtype == NSA_SEL_BF16 ? f2bf(f) : f2h(f); };
+    q.resize(c.b * c.g * c.h * c.d_k);
+    k.resize(c.b * c.g * s_alloc * c.d_k);
+    v.resize(c.b * c.g * s_alloc * c.d_v);
+    out.assign(c.b * c.g * c.h * c.d_v, 0);
+    for (auto& x : q) x = cvt(normal(rng));
+    for (auto& x : k) x = cvt(normal(rng));
+    for (auto& x : v) x = cvt(normal(rng));
+    kv_lens.resize(c.b);
+    std::uniform_int_distribution<int64_t> len_d(std::max<int64_t>(c.s_kv / 2, 0), c.s_kv);
+    for (auto& l : kv_lens) l = c.kv_lens ? len_d(rng) : c.s_kv;
+    // Ranges anywhere: mostly inside [0, s_kv), some negative, reversed, past the limit, empty.
+    ranges.resize(c.b * c.g * c.n * 2);
+    std::uniform_int_distribution<int64_t> pos(-8, c.s_kv + 8);
+    std::uniform_int_distribution<int64_t> len(0, 80);
+    for (int64_t i = 0; i < c.b * c.g * c.n; ++i) {
+      const int64_t s0 = pos(rng);
+      ranges[2 * i] = s0;
+      ranges[2 * i + 1] = (i % 7 == 3) ? s0 - 5 : s0 + len(rng);
+    }
+  }
+
+  ~Problem() {
+    for (void* p : {dq, dk, dv, dr, dl, dout}) cudaFree(p);
+  }
+
+  NsaSelParams params(bool device) const {
+    NsaSelParams p{};
+    p.q = device ? dq : q.data();
+    p.k = device ? dk : k.data();
+    p.v = device ? dv : v.data();
+    p.ranges = device ? dr : ranges_host();
+    p.kv_lens = c.kv_lens ? (device ? dl : lens_host()) : nullptr;
+    p.out = device ? dout : const_cast<uint16_t*>(out.data());
+    p.b = c.b; p.s = 1; p.g = c.g; p.h = c.h; p.d_k = c.d_k; p.d_v = c.d_v; p.s_kv = c.s_kv;
+    p.n = c.n;
+    p.q_stride_d = 1; p.q_stride_h = c.d_k; p.q_stride_g = c.h * c.d_k;
+    p.q_stride_s = c.g * c.h * c.d_k; p.q_stride_b = p.q_stride_s;
+    p.k_stride_d = 1; p.k_stride_t = c.d_k; p.k_stride_g = s_alloc * c.d_k;
+    p.k_stride_b = c.g * s_alloc * c.d_k;
+    p.v_stride_d = 1; p.v_stride_t = c.d_v; p.v_stride_g = s_alloc * c.d_v;
+    p.v_stride_b = c.g * s_alloc * c.d_v;
+    p.o_stride_d = 1; p.o_stride_h = c.d_v; p.o_stride_g = c.h * c.d_v;
+    p.o_stride_s = c.g * c.h * c.d_v; p.o_stride_b = p.o_stride_s;
+    p.r_stride_e = 1; p.r_stride_n = 2; p.r_stride_g = c.n * 2; p.r_stride_s = c.g * c.n * 2;
+    p.r_stride_b = p.r_stride_s;
+    p.kv_lens_stride_b = 1;
+    p.scale = 1.f / std::sqrt(static_cast<float>(c.d_k));
+    p.dtype = c.dtype;
+    p.index_type = c.int64_ranges ? NSA_SEL_I64 : NSA_SEL_I32;
+    p.kv_lens_type = c.int64_ranges ? NSA_SEL_I64 : NSA_SEL_I32;
+    return p;
+  }
+
+  // Ranges / kv_lens in the index type of the case.
+  const void* ranges_host() const { return c.int64_ranges ? (const void*)ranges.data() : r32(); }
+  const void* lens_host() const { return c.int64_ranges ? (const void*)kv_lens.data() : l32(); }
+  const void* r32() const {
+    r32_.assign(ranges.begin(), ranges.end());
+    return r32_.data();
+  }
+  const void* l32() const {
+    l32_.assign(kv_lens.begin(), kv_lens.end());
+    return l32_.data();
+  }
+  mutable std::vector<int32_t> r32_, l32_;
+
+  void upload() {
+    auto put = [](void** d, const void* h, size_t bytes) {
+      ASSERT_EQ(cudaMalloc(d, std::max<size_t>(bytes, 16)), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(*d, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    };
+    const size_t isz = c.int64_ranges ? 8 : 4;
+    put(&dq, q.data(), q.size() * 2);
+    put(&dk, k.data(), k.size() * 2);
+    put(&dv, v.data(), v.size() * 2);
+    put(&dr, ranges_host(), ranges.size() * isz);
+    put(&dl, lens_host(), kv_lens.size() * isz);
+    ASSERT_EQ(cudaMalloc(&dout, out.size() * 2), cudaSuccess);
+    // Poison the output: every element must be written.
+    ASSERT_EQ(cudaMemset(dout, 0xff, out.size() * 2), cudaSuccess);
+  }
+
+  std::vector<uint16_t> run_gpu(cudaStream_t stream = nullptr) {
+    NsaSelParams p = params(true);
+    const NsaSelStatus st = nsa_sel_decode_cuda(&p, 0, stream);
+    EXPECT_EQ(st, NSA_SEL_OK) << nsa_sel_last_error();
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<uint16_t> got(out.size());
+    EXPECT_EQ(cudaMemcpy(got.data(), dout, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    return got;
+  }
+
+  std::vector<uint16_t> run_cpu() {
+    NsaSelParams p = params(false);
+    std::vector<uint16_t> ref(out.size(), 0);
+    p.out = ref.data();
+    EXPECT_EQ(nsa_sel_reference_cpu(&p), NSA_SEL_OK) << nsa_sel_last_error();
+    return ref;
+  }
+
+  float to_f(uint16_t x) const { return c.dtype == NSA_SEL_BF16 ? bf2f(x) : h2f(x); }
+};
+
+void expect_close(const Problem& pr, const std::vector<uint16_t>& got,
+                  const std::vector<uint16_t>& ref) {
+  // The kernel rounds P to the input dtype before P V (like FlashAttention); the reference keeps
+  // it in fp32. Both round the output once.
+  const float tol = pr.c.dtype == NSA_SEL_BF16 ? 2e-2f : 3e-3f;
+  double sum_err = 0;
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const float a = pr.to_f(got[i]), r = pr.to_f(ref[i]);
+    ASSERT_TRUE(std::isfinite(a)) << "element " << i << " not written or not finite: " << a;
+    const float err = std::fabs(a - r);
+    sum_err += err;
+    if (err > tol * (1.f + std::fabs(r))) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << "elements outside tolerance";
+  EXPECT_LE(sum_err / got.size(), 1e-3) << "mean absolute error";
+}
+
+struct Dims {
+  int64_t d_k, d_v;
+};
+
+class ParityGrid : public ::testing::TestWithParam<std::tuple<int, Dims, int64_t>> {};
+
+TEST_P(ParityGrid, MatchesCpuReference) {
+  REQUIRE_GPU();
+  const auto [dtype, dims, h] = GetParam();
+  uint64_t seed = 1;
+  // Small batch (cluster splits), medium, and many rows (one block per row).
+  for (const auto& shape : {std::make_tuple<int64_t, int64_t, int64_t, int64_t>(1, 1, 1999, 37),
+                            std::make_tuple<int64_t, int64_t, int64_t, int64_t>(2, 3, 65, 3),
+                            std::make_tuple<int64_t, int64_t, int64_t, int64_t>(200, 4, 100, 2)}) {
+    Case c;
+    c.dtype = dtype;
+    c.d_k = dims.d_k;
+    c.d_v = dims.d_v;
+    c.h = h;
+    std::tie(c.b, c.g, c.s_kv, c.n) = shape;
+    c.kv_lens = seed % 2 == 0;
+    c.int64_ranges = seed % 3 == 0;
+    c.kv_pad = seed % 2 == 1 ? 24 : 0;
+    Problem pr(c, seed++);
+    pr.upload();
+    const auto got = pr.run_gpu();
+    const auto ref = pr.run_cpu();
+    SCOPED_TRACE(::testing::Message() << "b=" << c.b << " g=" << c.g << " s_kv=" << c.s_kv
+                                      << " n=" << c.n << " h=" << c.h << " dk=" << c.d_k);
+    expect_close(pr, got, ref);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kernel, ParityGrid,
+    ::testing::Combine(::testing::Values(int(NSA_SEL_BF16), int(NSA_SEL_F16)),
+                       ::testing::Values(Dims{64, 64}, Dims{128, 128}, Dims{192, 128},
+                                         Dims{256, 256}),
+                       ::testing::Values(int64_t{1}, int64_t{6}, int64_t{16}, int64_t{33},
+                                         int64_t{64})));
+
+TEST(Decode, EmptySelectionGivesExactZeros) {
+  REQUIRE_GPU();
+  Case c;
+  c.b = 3;
+  c.g = 2;
+  c.n = 5;
+  Problem pr(c, 7);
+  for (size_t i = 0; i < pr.ranges.size(); i += 2) {  // all empty after clamping
+    pr.ranges[i] = (i / 2) % 2 ? -10 : c.s_kv + 3;
+    pr.ranges[i + 1] = (i / 2) % 2 ? 0 : c.s_kv + 50;
+  }
+  pr.upload();
+  for (uint16_t x : pr.run_gpu()) ASSERT_EQ(x, 0) << "expected +0.0 bits";
+}
+
+TEST(Decode, UnselectedNanNeverRead) {
+  REQUIRE_GPU();
+  Case c;
+  c.b = 2;
+  c.g = 2;
+  c.s_kv = 512;
+  c.n = 3;
+  c.kv_lens = true;
+  Problem pr(c, 11);
+  // Mark selected tokens; poison every other K/V row (including rows past kv_lens) with NaN.
+  const uint16_t nan = 0x7fc0;
+  for (int64_t b = 0; b < c.b; ++b)
+    for (int64_t g = 0; g < c.g; ++g) {
+      std::vector<bool> sel(c.s_kv, false);
+      for (int64_t i = 0; i < c.n; ++i) {
+        const int64_t base = ((b * c.g + g) * c.n + i) * 2;
+        const int64_t s0 = std::max<int64_t>(pr.ranges[base], 0);
+        const int64_t e0 = std::min(pr.ranges[base + 1], pr.kv_lens[b]);
+        for (int64_t t = s0; t < e0; ++t) sel[t] = true;
+      }
+      for (int64_t t = 0; t < pr.s_alloc; ++t) {
+        if (t < c.s_kv && sel[t]) continue;
+        for (int64_t d = 0; d < c.d_k; ++d) pr.k[((b * c.g + g) * pr.s_alloc + t) * c.d_k + d] = nan;
+        for (int64_t d = 0; d < c.d_v; ++d) pr.v[((b * c.g + g) * pr.s_alloc + t) * c.d_v + d] = nan;
+      }
+    }
+  pr.upload();
+  const auto got = pr.run_gpu();
+  expect_close(pr, got, pr.run_cpu());
+}
+
+TEST(Decode, RepeatedRunsAreBitwiseEqual) {
+  REQUIRE_GPU();
+  Case c;
+  c.b = 1;
+  c.g = 2;
+  c.s_kv = 4096;
+  c.n = 32;  // few rows: the cluster split-KV combine is on this path
+  Problem pr(c, 5);
+  pr.upload();
+  const auto first = pr.run_gpu();
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(pr.run_gpu(), first);
+}
+
+TEST(Decode, GraphCaptureReplaysWithNewRanges) {
+  REQUIRE_GPU();
+  Case c;
+  c.b = 2;
+  c.g = 2;
+  c.s_kv = 1024;
+  c.n = 8;
+  Problem pr(c, 9);
+  pr.upload();
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  NsaSelParams p = pr.params(true);
+  cudaGraph_t graph;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  ASSERT_EQ(nsa_sel_decode_cuda(&p, 0, stream), NSA_SEL_OK) << nsa_sel_last_error();
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  // New ranges, same buffers: the replay must use them (the grid never depends on contents).
+  for (size_t i = 0; i < pr.ranges.size(); i += 2) {
+    pr.ranges[i] = static_cast<int64_t>((i * 37) % 900);
+    pr.ranges[i + 1] = pr.ranges[i] + 64;
+  }
+  CUDA_OK(cudaMemcpy(pr.dr, pr.ranges_host(), pr.ranges.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaGraphLaunch(exec, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  std::vector<uint16_t> got(pr.out.size());
+  CUDA_OK(cudaMemcpy(got.data(), pr.dout, got.size() * 2, cudaMemcpyDeviceToHost));
+  expect_close(pr, got, pr.run_cpu());
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TEST(Decode, UnsupportedConfigurationsAreReported) {
+  REQUIRE_GPU();
+  Case c;
+  Problem pr(c, 3);
+  pr.upload();
+  NsaSelParams p = pr.params(true);
+  p.d_k = p.d_v = 96;  // not instantiated
+  p.q_stride_h = 96;
+  EXPECT_EQ(nsa_sel_decode_supported(&p), NSA_SEL_ERR_UNSUPPORTED);
+  EXPECT_EQ(nsa_sel_decode_cuda(&p, 0, nullptr), NSA_SEL_ERR_UNSUPPORTED);
+  EXPECT_NE(std::string(nsa_sel_last_error()).find("d_k"), std::string::npos);
+  p = pr.params(true);
+  p.s = 2;
+  p.q_stride_b = 2 * p.q_stride_s;
+  EXPECT_EQ(nsa_sel_decode_cuda(&p, 0, nullptr), NSA_SEL_ERR_UNSUPPORTED);
+}
+
+// Small grid for compute-sanitizer (memcheck, racecheck, initcheck): both the one-block-per-row
+// path and the cluster split path, odd sizes, NaN-free random data.
+TEST(Sanitizer, SmallGrid) {
+  REQUIRE_GPU();
+  for (int64_t b : {1, 5, 400}) {  // 400 * 2 rows fill the GPU: no split
+    Case c;
+    c.b = b;
+    c.g = 2;
+    c.h = 6;
+    c.s_kv = 333;
+    c.n = 5;
+    c.kv_lens = true;
+    Problem pr(c, 100 + b);
+    pr.upload();
+    expect_close(pr, pr.run_gpu(), pr.run_cpu());
+  }
+}
+
+}  // namespace
