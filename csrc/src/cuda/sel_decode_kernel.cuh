@@ -36,7 +36,12 @@ struct DecodeTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kSlices = kWarps / MT;       // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
-  static constexpr int kStages = 2;                 // K/V tiles in shared memory
+  // K/V tiles in shared memory: about 96 KB per block, so that each block keeps 48-80 KB of
+  // loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
+  static constexpr int kTileBytes = kTile * (DK + DV) * 2;
+  static constexpr int kStages = 96 * 1024 / kTileBytes < 2   ? 2
+                                 : 96 * 1024 / kTileBytes > 6 ? 6
+                                                              : 96 * 1024 / kTileBytes;
   static constexpr int kTokBufs = kStages + 1;      // token-index buffers (see the main loop)
   static constexpr int kChunksK = DK * 2 / 16;      // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;

@@ -1,0 +1,114 @@
+// Launch of one kernel instantiation, and the per-head-count dispatch. Included by one .cu file
+// per (d_k, d_v) pair (sel_decode_d*.cu), so the instantiations compile in parallel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "../dispatch.hpp"
+#include "../internal.hpp"
+#include "sel_decode_kernel.cuh"
+
+namespace nsa_sel {
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  int sm_count = 0;
+  int cc_major = 0;
+  int max_smem_optin = 0;
+  int smem_per_sm = 0;
+};
+
+// Maps a CUDA error to the library's status (no device / sticky / other) with a message.
+NsaSelStatus cuda_status(cudaError_t err, const char* what);
+
+// Splits per (b, g) row (see sel_decode.cu).
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int blocks_per_sm);
+
+template <typename T, int DK, int DV, int MT>
+NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
+                    cudaStream_t stream) {
+  using Tr = DecodeTraits<T, DK, DV, MT>;
+  auto kernel = sel_decode_kernel<T, DK, DV, MT>;
+  const int smem = Tr::smem_bytes(p.n);
+  if (smem > dev.max_smem_optin)
+    return fail(NSA_SEL_ERR_UNSUPPORTED,
+                "n: %lld ranges need %d bytes of shared memory, the device allows %d",
+                static_cast<long long>(p.n), smem, dev.max_smem_optin);
+
+  // Raise the dynamic shared-memory limit once per device and size (idempotent, so a race
+  // between threads only repeats the call).
+  static std::atomic<int> smem_set[kMaxDevices];
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (!cached || smem_set[device].load(std::memory_order_relaxed) < smem) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return cuda_status(err, "cudaFuncSetAttribute");
+    if (cached) smem_set[device].store(smem, std::memory_order_relaxed);
+  }
+
+  // Resident blocks per SM as shared memory allows (1 KB per block is reserved by the runtime);
+  // registers allow at least this many for every instantiation (-Xptxas -v).
+  const int blocks_per_sm =
+      std::max(1, std::min(dev.smem_per_sm / (smem + 1024), 2048 / Tr::kThreads));
+  const int splits = plan_splits(p, dev, blocks_per_sm);
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
+  const unsigned blocks = static_cast<unsigned>(p.b * p.g * splits);
+
+  if (splits == 1) {
+    kernel<<<blocks, Tr::kThreads, smem, stream>>>(p, scale_log2, splits);
+  } else {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(Tr::kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = splits;  // the splits of one row form one cluster
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits);
+    if (err != cudaSuccess) return cuda_status(err, "cudaLaunchKernelEx");
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
+  return ok();
+}
+
+template <typename T, int DK, int DV>
+NsaSelStatus dispatch_heads(const NsaSelParams& p, int device, const DeviceInfo& dev,
+                            cudaStream_t stream) {
+  switch (m_tiles_for_heads(p.h)) {
+    case 1: return launch<T, DK, DV, 1>(p, device, dev, stream);
+    case 2: return launch<T, DK, DV, 2>(p, device, dev, stream);
+    case 4: return launch<T, DK, DV, 4>(p, device, dev, stream);
+    default:
+      return fail(NSA_SEL_ERR_UNSUPPORTED, "h: %lld heads not instantiated",
+                  static_cast<long long>(p.h));
+  }
+}
+
+// One explicit instantiation per (d_k, d_v) pair and dtype lives in sel_decode_d*.cu.
+#define NSA_SEL_DECLARE_DIMS(DK, DV)                                                          \
+  extern template NsaSelStatus dispatch_heads<__half, DK, DV>(const NsaSelParams&, int,       \
+                                                              const DeviceInfo&, cudaStream_t); \
+  extern template NsaSelStatus dispatch_heads<__nv_bfloat16, DK, DV>(                         \
+      const NsaSelParams&, int, const DeviceInfo&, cudaStream_t);
+#define NSA_SEL_INSTANTIATE_DIMS(DK, DV)                                                \
+  template NsaSelStatus dispatch_heads<__half, DK, DV>(const NsaSelParams&, int,        \
+                                                       const DeviceInfo&, cudaStream_t); \
+  template NsaSelStatus dispatch_heads<__nv_bfloat16, DK, DV>(                          \
+      const NsaSelParams&, int, const DeviceInfo&, cudaStream_t);
+
+NSA_SEL_DECLARE_DIMS(64, 64)
+NSA_SEL_DECLARE_DIMS(128, 128)
+NSA_SEL_DECLARE_DIMS(192, 128)
+NSA_SEL_DECLARE_DIMS(256, 256)
+
+}  // namespace nsa_sel
