@@ -1,0 +1,1 @@
+"""CUDA kernel entry points of nsa (loaded lazily; importing never builds)."""
