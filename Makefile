@@ -1,0 +1,43 @@
+# The README's commands. CI runs `make test` (via .ci/run) on a fresh clone: 2 cores, no GPU.
+#   make demo        the benchmark's demo (CPU references when there is no GPU)
+#   make test        setup + build + C++ suites (ctest) + Python suites (pytest)
+#   make gpu-check   on the GPU machine (no network): build, every suite, sanitizers, bench
+PYTHON     ?= python3
+CUDA_ARCHS ?= 80;89;90
+JOBS       ?= 2
+BUILD      ?= build
+GTEST_DIR  := $(CURDIR)/.deps/usr/src/googletest
+WITH_CUDA  ?= $(if $(shell command -v nvcc 2>/dev/null),ON,OFF)
+GENERATOR  := $(if $(shell command -v ninja 2>/dev/null),-G Ninja,)
+export OUT ?= $(CURDIR)/out
+
+.PHONY: setup gtest build test demo gpu-check format clean
+
+setup: gtest
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+gtest:
+	bash scripts/fetch_gtest.sh
+
+build: gtest
+	cmake -S . -B $(BUILD) $(GENERATOR) -DNSA_SEL_WITH_CUDA=$(WITH_CUDA) \
+	  -DNSA_SEL_CUDA_ARCHS="$(CUDA_ARCHS)" -DNSA_SEL_GTEST_SOURCE_DIR=$(GTEST_DIR)
+	cmake --build $(BUILD) -j$(JOBS)
+
+test: setup build
+	bash scripts/run_ctest.sh $(BUILD)
+	NSA_SEL_LIB=$(CURDIR)/$(BUILD)/libnsa_sel.so bash scripts/run_pytest.sh -q nsa/tests
+
+demo: setup
+	$(PYTHON) bench/bench_sel_cuda.py --demo
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+format:
+	clang-format -i csrc/include/nsa_sel/* csrc/src/*.[ch]pp csrc/src/*.cpp csrc/tests/*.cpp
+	ruff format nsa bench && ruff check --fix nsa bench
+
+clean:
+	rm -rf $(BUILD) build-gpu out

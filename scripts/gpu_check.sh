@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything on the GPU machine, which has no network (no pip, no apt).
+# Uses the python3 there (torch + pytest), the repo via PYTHONPATH, and the googletest source
+# carried in .deps/ (scripts/fetch_gtest.sh, run beforehand on a machine with apt).
+#
+# Steps: configure, build (sm_90), ctest (all suites, GPU included), pytest (CUDA, strict),
+# compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named *Sanitizer*, bench.
+# STEPS="configure build bench" runs a subset (for performance iterations); BENCH_ARGS replaces
+# the benchmark's default arguments (--quick).
+# Each step's log goes to $OUT/<step>.log; a failing step does not stop the next ones; a summary
+# table closes the run, and the exit status is non-zero if any step failed. The whole run keeps
+# to GPU_CHECK_BUDGET_S seconds (default 520, under the 9-minute ceiling).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+OUT="${OUT:-$root/out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+build="$root/build-gpu"
+gtest_dir="$root/.deps/usr/src/googletest"
+archs="${CUDA_ARCHS:-90}"
+jobs="$(nproc 2>/dev/null || echo 8)"
+deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-520} ))
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+
+sanitizer="$(command -v compute-sanitizer || true)"
+if [[ -z "$sanitizer" ]]; then
+  for candidate in "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/nvcc)")/compute-sanitizer" \
+                   /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [[ -x "$candidate" ]] && { sanitizer="$candidate"; break; }
+  done
+fi
+
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+strict_env=(NSA_SEL_CUDA=1 NSA_SEL_CUDA_STRICT=1 NSA_SEL_LIB="$build/libnsa_sel.so")
+
+names=()
+results=()
+seconds=()
+
+# step NAME CAP_SECONDS COMMAND...: runs COMMAND under a timeout of min(CAP, time left), tees its
+# output into $OUT/NAME.log and records pass/fail.
+step() {
+  local name="$1" cap="$2"
+  shift 2
+  [[ " ${STEPS:-configure build ctest pytest memcheck racecheck initcheck bench} " == *" $name "* ]] || return 0
+  local left=$(( deadline - $(date +%s) ))
+  local limit=$(( cap < left ? cap : left ))
+  local t0 rc status
+  t0=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*"
+  if (( limit < 5 )); then
+    echo "skipped: the time budget is spent" | tee "$OUT/$name.log"
+    status="FAIL (no time left)"
+  else
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    if (( rc == 0 )); then
+      status="pass"
+    elif (( rc == 124 || rc == 137 )); then
+      status="FAIL (timeout ${limit}s)"
+    else
+      status="FAIL (exit $rc)"
+    fi
+  fi
+  names+=("$name")
+  results+=("$status")
+  seconds+=("$(( $(date +%s) - t0 ))")
+}
+
+# --sanitize TOOL (this script calling itself, so that `timeout` can run it): one
+# compute-sanitizer tool over the GPU tests named *Sanitizer*. A filter that matches nothing is a
+# failure, not a silent pass.
+if [[ "${1:-}" == --sanitize ]]; then
+  [[ -n "$sanitizer" ]] || { echo "compute-sanitizer not found"; exit 1; }
+  tmp="$(mktemp)"
+  "$sanitizer" --tool "$2" --error-exitcode 99 "$build/nsa_sel_gpu_tests" \
+    --gtest_filter='*Sanitizer*' 2>&1 | tee "$tmp"
+  rc=${PIPESTATUS[0]}
+  if grep -q "PASSED  \] 0 tests" "$tmp" || ! grep -q "PASSED  \]" "$tmp"; then
+    echo "no test matched --gtest_filter='*Sanitizer*', or none passed"
+    rc=1
+  fi
+  rm -f "$tmp"
+  exit "$rc"
+fi
+sanitize=(bash "$root/scripts/gpu_check.sh" --sanitize)
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo none)"
+  nvidia-smi 2>&1 | head -15
+  nvcc --version 2>&1 | tail -2
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  echo "compute-sanitizer: ${sanitizer:-not found}"
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+step configure 90 cmake -S . -B "$build" "${generator[@]}" -DNSA_SEL_WITH_CUDA=ON \
+  -DNSA_SEL_CUDA_ARCHS="$archs" -DNSA_SEL_GTEST_SOURCE_DIR="$gtest_dir"
+step build 240 cmake --build "$build" -j"$jobs"
+step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
+step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
+step memcheck 60 "${sanitize[@]}" memcheck
+step racecheck 90 "${sanitize[@]}" racecheck
+step initcheck 60 "${sanitize[@]}" initcheck
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+step bench 300 env "${strict_env[@]}" PYTHONUNBUFFERED=1 python3 bench/bench_sel_cuda.py \
+  ${BENCH_ARGS:---quick} --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
+
+{
+  echo
+  printf '%-10s  %-24s  %s\n' step result seconds
+  for i in "${!names[@]}"; do
+    printf '%-10s  %-24s  %s\n' "${names[$i]}" "${results[$i]}" "${seconds[$i]}"
+  done
+  echo "logs: $OUT/<step>.log, also bundled in $OUT/logs.tar.gz"
+} | tee "$OUT/summary.txt"
+# The device tool returns at most 8 files: bundle the step logs, keep the headline files.
+tar -C "$OUT" -czf "$OUT/logs.tar.gz" --exclude=logs.tar.gz --exclude=bench.png \
+  --exclude=bench.csv --exclude=summary.txt . 2>/dev/null
+find "$OUT" -maxdepth 1 -name '*.log' ! -name bench.log -delete
+# The table is also what decides the exit status.
+grep -q FAIL "$OUT/summary.txt" && exit 1
+exit 0
