@@ -5,13 +5,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 #include "sel_decode_launch.cuh"
 
 namespace nsa_sel {
 namespace {
-
-constexpr int kMaxClusterSplits = 8;  // portable cluster size
 
 // Device attributes, read once per device (attribute queries do not synchronise).
 cudaError_t device_info(int device, DeviceInfo* out) {
@@ -87,13 +86,20 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what) {
 // memory). Powers of two, at most the portable cluster size.
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int blocks_per_sm) {
   if (dev.cc_major < 9) return 1;
+  // NSA_SEL_DEBUG_SPLITS=k forces k splits (1, 2, 4 or 8) for tuning experiments; read once.
+  static const int forced = [] {
+    const char* env = std::getenv("NSA_SEL_DEBUG_SPLITS");
+    const int k = env ? std::atoi(env) : 0;
+    return (k == 1 || k == 2 || k == 4 || k == 8) ? k : 0;
+  }();
+  if (forced) return forced;
   const int64_t rows = p.b * p.g;
   const int64_t slots = static_cast<int64_t>(dev.sm_count) * std::max(blocks_per_sm, 1);
   if (rows >= slots) return 1;
   const int64_t max_tokens = p.n * p.s_kv;  // < 2^31 (decode_supported)
   const int64_t max_tiles = std::max<int64_t>((max_tokens + 63) / 64, 1);
   const int64_t want =
-      std::min<int64_t>({(slots + rows - 1) / rows, kMaxClusterSplits, max_tiles});
+      std::min<int64_t>({(slots + rows - 1) / rows, kMaxSplits, max_tiles});
   int splits = 1;
   while (splits * 2 <= want) splits *= 2;
   return splits;

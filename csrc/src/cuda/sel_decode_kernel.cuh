@@ -29,6 +29,9 @@
 
 namespace nsa_sel {
 
+// Most blocks (splits) per (b, g) row: the portable thread block cluster size.
+constexpr int kMaxSplits = 8;
+
 template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {
   static constexpr int kTile = 64;                  // tokens per pipeline stage
@@ -68,7 +71,8 @@ struct DecodeTraits {
   static constexpr int kOffKV = kOffQ + kQBytes;
   static constexpr int kOffTok = kOffKV + kUnionBytes;
   static constexpr int kOffRanges = kOffTok + kTokBufs * kTile * 4;
-  static_assert(kStateBytes <= kUnionBytes, "cluster partial state must fit the union");
+  static_assert(kStateBytes + kMaxSplits * kHeads * 4 <= kUnionBytes,
+                "cluster partial state and combine weights must fit the union");
 
   static constexpr int smem_bytes(int64_t n) {
     return kOffRanges + static_cast<int>(n) * 8 + 16;
@@ -485,33 +489,67 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   }
 
 #ifdef NSA_SEL_HAS_CLUSTERS
-  // Split-KV combine across the cluster: every block publishes its state in its own shared
-  // memory; block `split` then merges the states of all blocks, in split order, for a 1/splits
-  // share of the (head, column) outputs, reading its peers through distributed shared memory.
+  // Split-KV combine across the cluster. Every block publishes its state in its own shared
+  // memory. Then each block computes, for every head, the weight of every split's state
+  // (exp2(m_k - M) / L, in split order: deterministic) into local shared memory, and finally
+  // block `split` writes a 1/splits share of the outputs, reading the peers' O rows as float4
+  // with all peers' loads in flight at once (distributed shared memory has a long latency).
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   if (slice == 0) store_state(0);
   cluster.sync();
-  const int n_out = static_cast<int>(p.h) * DV;
-  for (int e = split * Tr::kThreads + tid; e < n_out; e += splits * Tr::kThreads) {
-    const int hr = e / DV, col = e % DV;
+  float* coef_s = state_o(0) + Tr::kStateBytes / 4;  // [kMaxSplits][kHeads], local
+  if (tid < Tr::kHeads) {
+    float m_k[kMaxSplits], l_k[kMaxSplits];
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k) {
+      m_k[k] = -INFINITY;
+      l_k[k] = 0.f;
+      if (k < splits) {
+        m_k[k] = cluster.map_shared_rank(state_m(0), k)[tid];
+        l_k[k] = cluster.map_shared_rank(state_l(0), k)[tid];
+      }
+    }
     float m_all = -INFINITY;
-    for (int k = 0; k < splits; ++k) {
-      const float* peer = cluster.map_shared_rank(state_m(0), k);
-      m_all = fmaxf(m_all, peer[hr]);
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k) m_all = fmaxf(m_all, m_k[k]);
+    const float ref = m_all == -INFINITY ? 0.f : m_all;  // all splits empty: weights 0
+    float l_all = 0.f;
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k) {
+      m_k[k] = k < splits ? exp2f(m_k[k] - ref) : 0.f;
+      l_all += m_k[k] * l_k[k];
     }
-    const float ref = m_all == -INFINITY ? 0.f : m_all;
-    float l_all = 0.f, o_all = 0.f;
-    for (int k = 0; k < splits; ++k) {
-      const float* peer_o = cluster.map_shared_rank(state_o(0), k);
-      const float* peer_m = cluster.map_shared_rank(state_m(0), k);
-      const float* peer_l = cluster.map_shared_rank(state_l(0), k);
-      const float w = exp2f(peer_m[hr] - ref);
-      l_all += peer_l[hr] * w;
-      o_all += peer_o[hr * Tr::kOStride + col] * w;
+    // Empty selection: l_all == 0 and every O is 0, so coefficients 0 give exact zeros.
+    const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k) coef_s[k * Tr::kHeads + tid] = m_k[k] * inv;
+  }
+  __syncthreads();
+  constexpr int kGroups = DV / 4;  // float4 column groups per head
+  const int n_groups = static_cast<int>(p.h) * kGroups;
+  for (int gi = split * Tr::kThreads + tid; gi < n_groups; gi += splits * Tr::kThreads) {
+    const int hr = gi / kGroups, c4 = (gi % kGroups) * 4;
+    float4 x[kMaxSplits];
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k)
+      if (k < splits)
+        x[k] = *reinterpret_cast<const float4*>(
+            cluster.map_shared_rank(state_o(0), k) + hr * Tr::kOStride + c4);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k) {
+      if (k < splits) {
+        const float c = coef_s[k * Tr::kHeads + hr];
+        acc.x += c * x[k].x;
+        acc.y += c * x[k].y;
+        acc.z += c * x[k].z;
+        acc.w += c * x[k].w;
+      }
     }
-    const float val = l_all == 0.f ? 0.f : o_all / l_all;
-    out_row[hr * p.o_stride_h + col] = static_cast<T>(val);
+    T* dst = out_row + hr * p.o_stride_h + c4;
+    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc.x, acc.y);
+    *reinterpret_cast<uint32_t*>(dst + 2) = pack2<T>(acc.z, acc.w);
   }
   cluster.sync();  // keep every block's shared memory alive until its peers are done reading
 #endif
