@@ -28,9 +28,6 @@ cudaError_t device_info(int device, DeviceInfo* out) {
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&info.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                  device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                 device);
   if (err != cudaSuccess) return err;
   if (cached) {
     cache[device] = info;
@@ -80,11 +77,14 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what) {
   }
 }
 
-// Splits per (b, g) row, from shapes and the device only (never from ranges contents): enough
-// blocks to cover every SM `blocks_per_sm` deep, at most one split per 64-token tile a row could
-// hold, and only on GPUs with thread block clusters (the combine runs through distributed shared
-// memory). Powers of two, at most the portable cluster size.
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int blocks_per_sm) {
+// Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
+// with thread block clusters (the combine runs through distributed shared memory): the largest
+// power of two, at most the cluster limit and one split per 64-token tile a row could hold, such
+// that rows * splits stays within one block per SM. Measured on the H100 (NOTES.md): splitting
+// further, to fill the second resident block of each SM, costs more in per-block setup and
+// cluster barriers than it gains (nsa27b B=16: 24 us with 2 splits, 34 us with 4), and a
+// split when the rows alone fill the SMs costs 10% (d128 B=64).
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev) {
   if (dev.cc_major < 9) return 1;
   // NSA_SEL_DEBUG_SPLITS=k forces k splits (1, 2, 4 or 8) for tuning experiments; read once.
   static const int forced = [] {
@@ -94,14 +94,11 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int blocks_per_sm)
   }();
   if (forced) return forced;
   const int64_t rows = p.b * p.g;
-  const int64_t slots = static_cast<int64_t>(dev.sm_count) * std::max(blocks_per_sm, 1);
-  if (rows >= slots) return 1;
-  const int64_t max_tokens = p.n * p.s_kv;  // < 2^31 (decode_supported)
-  const int64_t max_tiles = std::max<int64_t>((max_tokens + 63) / 64, 1);
-  const int64_t want =
-      std::min<int64_t>({(slots + rows - 1) / rows, kMaxSplits, max_tiles});
+  const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n*s_kv < 2^31
   int splits = 1;
-  while (splits * 2 <= want) splits *= 2;
+  while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles &&
+         rows * splits * 2 <= static_cast<int64_t>(dev.sm_count))
+    splits *= 2;
   return splits;
 }
 

@@ -55,8 +55,8 @@ struct DecodeTraits {
   static_assert(DK % 64 == 0 && DV % 64 == 0, "the XOR swizzle needs rows of 8k 16-byte chunks");
   static_assert(kTokPerWarp % 16 == 0, "a warp's token slice must be whole k16 steps");
   static_assert(kSlices * MT == kWarps, "warps must tile (m-tile, slice) exactly");
-  static_assert((kTile * kChunksK) % kThreads == 0 && (kTile * kChunksV) % kThreads == 0,
-                "every thread issues the same number of K/V chunks");
+  static_assert(kThreads % 64 == 0 && kTile % (kThreads / 8) == 0,
+                "the load mapping needs rows per pass (threads / 8) to be a multiple of 8");
 
   // Shared memory layout (bytes), all offsets multiples of 16.
   static constexpr int kQBytes = kHeads * DK * 2;
@@ -130,6 +130,13 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x in one MUFU op (max relative error 2^-22; exp2(-inf) = +0, NaN stays NaN).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
@@ -160,8 +167,8 @@ __device__ __forceinline__ int64_t load_idx(const void* base, int32_t type, int6
 __device__ __forceinline__ void merge_weights(float m, float m2, float& w, float& w2, float& mm) {
   mm = fmaxf(m, m2);
   const float ref = mm == -INFINITY ? 0.f : mm;
-  w = exp2f(m - ref);
-  w2 = exp2f(m2 - ref);
+  w = fast_exp2(m - ref);
+  w2 = fast_exp2(m2 - ref);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,25 +275,30 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
       tok_s[(it % Tr::kTokBufs) * Tr::kTile + tid] = tok;
     }
   };
+  // Thread t copies 16-byte column (t % 8) + 8j of rows t / 8 + k * kRowsPerPass: the swizzled
+  // column (t % 8) ^ (row & 7) is the same for all of a thread's rows, each row costs one token
+  // lookup and one 64-bit multiply, and a warp reads 4 rows x 128 contiguous bytes per copy.
+  constexpr int kRowsPerPass = Tr::kThreads / 8;
+  const int ld_row = tid >> 3;
+  const int ld_col = ((tid & 7) ^ (ld_row & 7)) * 16;  // bytes; kRowsPerPass is a multiple of 8
   auto issue_loads = [&](int it) {
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
     unsigned char* k_st = kv_s + (it % Tr::kStages) * Tr::kKStageBytes;
-    unsigned char* v_st = kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
+    unsigned char* v_st =
+        kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
 #pragma unroll
-    for (int i = 0; i < Tr::kTile * Tr::kChunksK / Tr::kThreads; ++i) {
-      const int c = tid + i * Tr::kThreads;
-      const int r = c / Tr::kChunksK, ch = c % Tr::kChunksK;
+    for (int pass = 0; pass < Tr::kTile / kRowsPerPass; ++pass) {
+      const int r = ld_row + pass * kRowsPerPass;
       const int t = tok[r];
-      const T* src = t >= 0 ? k_row + static_cast<int64_t>(t) * p.k_stride_t + ch * 8 : k_row;
-      cp_async16(k_st + swz(r, ch, Tr::kChunksK), src, t >= 0);
-    }
+      const bool valid = t >= 0;
+      const T* k_src = k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (tid & 7) * 8;
+      const T* v_src = v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (tid & 7) * 8;
+      unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
+      unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
 #pragma unroll
-    for (int i = 0; i < Tr::kTile * Tr::kChunksV / Tr::kThreads; ++i) {
-      const int c = tid + i * Tr::kThreads;
-      const int r = c / Tr::kChunksV, ch = c % Tr::kChunksV;
-      const int t = tok[r];
-      const T* src = t >= 0 ? v_row + static_cast<int64_t>(t) * p.v_stride_t + ch * 8 : v_row;
-      cp_async16(v_st + swz(r, ch, Tr::kChunksV), src, t >= 0);
+      for (int j = 0; j < Tr::kChunksK / 8; ++j) cp_async16(k_dst + j * 128, k_src + j * 64, valid);
+#pragma unroll
+      for (int j = 0; j < Tr::kChunksV / 8; ++j) cp_async16(v_dst + j * 128, v_src + j * 64, valid);
     }
   };
 
@@ -369,13 +381,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[r], mx);
       const float ref = m_new == -INFINITY ? 0.f : m_new;  // empty so far: keep exact zeros
-      const float alpha = exp2f(m_run[r] - ref);
+      const float alpha = fast_exp2(m_run[r] - ref);
       m_run[r] = m_new;
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kNB; ++i) {
-        s[i][2 * r] = exp2f(s[i][2 * r] - ref);
-        s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - ref);
+        s[i][2 * r] = fast_exp2(s[i][2 * r] - ref);
+        s[i][2 * r + 1] = fast_exp2(s[i][2 * r + 1] - ref);
         sum += s[i][2 * r] + s[i][2 * r + 1];
       }
       l_run[r] = l_run[r] * alpha + sum;
@@ -517,7 +529,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     float l_all = 0.f;
 #pragma unroll
     for (int k = 0; k < kMaxSplits; ++k) {
-      m_k[k] = k < splits ? exp2f(m_k[k] - ref) : 0.f;
+      m_k[k] = k < splits ? fast_exp2(m_k[k] - ref) : 0.f;
       l_all += m_k[k] * l_k[k];
     }
     // Empty selection: l_all == 0 and every O is 0, so coefficients 0 give exact zeros.

@@ -19,14 +19,13 @@ struct DeviceInfo {
   int sm_count = 0;
   int cc_major = 0;
   int max_smem_optin = 0;
-  int smem_per_sm = 0;
 };
 
 // Maps a CUDA error to the library's status (no device / sticky / other) with a message.
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
 // Splits per (b, g) row (see sel_decode.cu).
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int blocks_per_sm);
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev);
 
 template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
@@ -50,11 +49,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
     if (cached) smem_set[device].store(smem, std::memory_order_relaxed);
   }
 
-  // Resident blocks per SM as shared memory allows (1 KB per block is reserved by the runtime);
-  // registers allow at least this many for every instantiation (-Xptxas -v).
-  const int blocks_per_sm =
-      std::max(1, std::min(dev.smem_per_sm / (smem + 1024), 2048 / Tr::kThreads));
-  const int splits = plan_splits(p, dev, blocks_per_sm);
+  const int splits = plan_splits(p, dev);
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
   const unsigned blocks = static_cast<unsigned>(p.b * p.g * splits);
 
