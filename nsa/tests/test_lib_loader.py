@@ -171,8 +171,9 @@ def test_real_library_without_gpu_reports_and_wrapper_falls_back(real_lib_path, 
     lib = _lib.get_library(0)
     if lib.built_with_cuda and torch.cuda.is_available():
         pytest.skip("a real GPU is present: host pointers must not reach the kernel")
-    Q, K, V, r, kl = make_case(dtype=torch.float16, kv_lens=True)
-    out = torch.empty(2, 1, 2, 4, 32, dtype=torch.float16)
+    # A configuration the kernel covers (d = 64), so the answer is about the device, not coverage.
+    Q, K, V, r, kl = make_case(Dk=64, Dv=64, dtype=torch.float16, kv_lens=True)
+    out = torch.empty(2, 1, 2, 4, 64, dtype=torch.float16)
     status, message = lib.launch(params_for(Q, K, V, r, kl, out, 0.2), 0, 0)
     assert status in (_lib.Status.NO_DEVICE, _lib.Status.NOT_BUILT) and message
     # The wrapper, pushed down the CUDA path with CPU tensors, turns that into a fallback.
