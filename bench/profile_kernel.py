@@ -66,6 +66,24 @@ def graph_us(sets, calls):
     return times[len(times) // 2]
 
 
+def eager_us(fn, n=200, reps=15):
+    """Median wall us per call of `fn` (n back-to-back calls, then a sync)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) / n * 1e6)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="nsa27b", choices=CASES)
@@ -84,14 +102,21 @@ def main():
             selection_attention_cuda(*x)
         torch.cuda.synchronize()
         return
-    warm = graph_us([make_inputs(a.case, a.batch, gen)], a.calls)
+    x = make_inputs(a.case, a.batch, gen)
+    warm = graph_us([x], a.calls)
+    t = torch.zeros(16, device="cuda")
+    host = (
+        f"eager {eager_us(lambda: selection_attention_cuda(*x)):.1f} us/call "
+        f"(torch.empty {eager_us(lambda: torch.empty(64, device='cuda')):.1f}, "
+        f"add_ {eager_us(lambda: t.add_(1)):.1f})"
+    )
     full_bytes = a.batch * G * s_kv * (dk + dv) * 2
     sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
     cold = graph_us([make_inputs(a.case, a.batch, gen) for _ in range(sets)], a.calls)
     tag = os.environ.get("NSA_SEL_DEBUG_SPLITS", "auto")
     print(
         f"{a.case} B={a.batch} splits={tag}: warm {warm:.2f} us  cold({sets} sets) {cold:.2f} us"
-        f"  selected {sel_bytes / 1e6:.1f} MB -> {sel_bytes / cold / 1e3:.0f} GB/s cold"
+        f"  selected {sel_bytes / 1e6:.1f} MB -> {sel_bytes / cold / 1e3:.0f} GB/s cold; {host}"
     )
 
 

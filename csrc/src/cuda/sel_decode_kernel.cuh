@@ -185,6 +185,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   int32_t* key_s = excl_s + p.n;                                            // [n]
   int32_t* total_s = key_s + p.n;                                           // [1]
 
+#ifdef NSA_SEL_HAS_CLUSTERS
+  // Programmatic dependent launch: let the next kernel in the stream start launching now, and
+  // wait until the previous one has completed (and its writes are visible) before reading any
+  // input. Both are no-ops when the launch did not opt in.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -342,10 +349,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
         kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
 
-    // S = Q K^T for 16 heads x kTokPerWarp tokens.
-    float s[kNB][4];
+    // S = Q K^T for 16 heads x kTokPerWarp tokens, in two accumulator sets (even and odd k
+    // steps) so the dependent mma chain is half as long: with one warp per scheduler at small
+    // batch, that chain is the tile's latency.
+    float s[kNB][4], s2[kNB][4];
 #pragma unroll
-    for (int i = 0; i < kNB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int i = 0; i < kNB; ++i) {
+      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      s2[i][0] = s2[i][1] = s2[i][2] = s2[i][3] = 0.f;
+    }
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t a[4];
@@ -356,10 +368,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
         uint32_t kb[4];
         ldmatrix_x4(kb, smem_addr(k_st + swz(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
                                              2 * kk + (lm & 1), Tr::kChunksK)));
-        mma16816<T>(s[2 * nb2], a, kb[0], kb[1]);
-        mma16816<T>(s[2 * nb2 + 1], a, kb[2], kb[3]);
+        float(&acc)[kNB][4] = (kk & 1) ? s2 : s;
+        mma16816<T>(acc[2 * nb2], a, kb[0], kb[1]);
+        mma16816<T>(acc[2 * nb2 + 1], a, kb[2], kb[3]);
       }
     }
+#pragma unroll
+    for (int i = 0; i < kNB; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] += s2[i][e];
 
     // Online softmax (log2 domain). Positions past the selection are -inf, so their p is 0 and
     // their zero-filled V rows contribute exactly nothing.

@@ -53,24 +53,31 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
   const unsigned blocks = static_cast<unsigned>(p.b * p.g * splits);
 
-  if (splits == 1) {
-    kernel<<<blocks, Tr::kThreads, smem, stream>>>(p, scale_log2, splits);
-  } else {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(Tr::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = splits;  // the splits of one row form one cluster
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits);
-    if (err != cudaSuccess) return cuda_status(err, "cudaLaunchKernelEx");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(Tr::kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  int n_attr = 0;
+  if (dev.cc_major >= 9) {
+    // Overlap this launch with the tail of the previous kernel (the kernel waits for it before
+    // reading anything: griddepcontrol.wait).
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
   }
+  if (splits > 1) {
+    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+    attr[n_attr].val.clusterDim.x = splits;  // the splits of one row form one cluster
+    attr[n_attr].val.clusterDim.y = 1;
+    attr[n_attr].val.clusterDim.z = 1;
+    ++n_attr;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n_attr;
+  const cudaError_t launch_err = cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits);
+  if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
   return ok();
