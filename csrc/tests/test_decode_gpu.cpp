@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "../src/internal.hpp"  // half/bf16 conversions (exhaustively tested on the CPU)
+#include "nsa_sel/params.hpp"
 #include "nsa_sel/sel_attention.h"
 
 namespace {
@@ -26,53 +28,6 @@ bool has_gpu() {
 
 #define REQUIRE_GPU() \
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device"
-
-uint16_t f2bf(float f) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf2f(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-uint16_t f2h(float f) {  // IEEE half, round to nearest even (normal range + subnormals)
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t absx = x & 0x7fffffffu;
-  if (absx > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (absx >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
-  if (absx < 0x38800000u) {                                               // subnormal half
-    float a;
-    std::memcpy(&a, &absx, 4);
-    const float scaled = a * 16777216.0f;  // 2^24
-    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
-  }
-  uint32_t m = absx + 0xc8000fffu + ((absx >> 13) & 1u);  // rebias 127 -> 15, round
-  return static_cast<uint16_t>(sign | (m >> 13));
-}
-float h2f(uint16_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  float f;
-  if (exp == 0) {
-    f = std::ldexp(static_cast<float>(man), -24);
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u |= sign;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  uint32_t u = exp == 31 ? (sign | 0x7f800000u | (man << 13))
-                         : (sign | ((exp + 112) << 23) | (man << 13));
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 struct Case {
   int dtype = NSA_SEL_BF16;
@@ -95,7 +50,9 @@ struct Problem {
   explicit Problem(const Case& cc, uint64_t seed) : c(cc), s_alloc(cc.s_kv + cc.kv_pad) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.f, 1.f);
-    auto cvt = [&](float f) { return c.dtype == NSA_SEL_BF16 ? f2bf(f) : f2h(f); };
+    auto cvt = [&](float f) {
+      return c.dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
+    };
     q.resize(c.b * c.g * c.h * c.d_k);
     k.resize(c.b * c.g * s_alloc * c.d_k);
     v.resize(c.b * c.g * s_alloc * c.d_v);
@@ -122,30 +79,20 @@ struct Problem {
   }
 
   NsaSelParams params(bool device) const {
-    NsaSelParams p{};
+    const NsaSelIndexType idx = c.int64_ranges ? NSA_SEL_I64 : NSA_SEL_I32;
+    NsaSelParams p = nsa_sel::contiguous_params({c.b, 1, c.g, c.h, c.d_k, c.d_v, c.s_kv, c.n},
+                                                static_cast<NsaSelDtype>(c.dtype), idx, idx);
+    // K/V live in a cache of s_alloc tokens: a slice of a larger preallocated cache.
+    p.k_stride_g = s_alloc * c.d_k;
+    p.k_stride_b = c.g * p.k_stride_g;
+    p.v_stride_g = s_alloc * c.d_v;
+    p.v_stride_b = c.g * p.v_stride_g;
     p.q = device ? dq : q.data();
     p.k = device ? dk : k.data();
     p.v = device ? dv : v.data();
     p.ranges = device ? dr : ranges_host();
     p.kv_lens = c.kv_lens ? (device ? dl : lens_host()) : nullptr;
     p.out = device ? dout : const_cast<uint16_t*>(out.data());
-    p.b = c.b; p.s = 1; p.g = c.g; p.h = c.h; p.d_k = c.d_k; p.d_v = c.d_v; p.s_kv = c.s_kv;
-    p.n = c.n;
-    p.q_stride_d = 1; p.q_stride_h = c.d_k; p.q_stride_g = c.h * c.d_k;
-    p.q_stride_s = c.g * c.h * c.d_k; p.q_stride_b = p.q_stride_s;
-    p.k_stride_d = 1; p.k_stride_t = c.d_k; p.k_stride_g = s_alloc * c.d_k;
-    p.k_stride_b = c.g * s_alloc * c.d_k;
-    p.v_stride_d = 1; p.v_stride_t = c.d_v; p.v_stride_g = s_alloc * c.d_v;
-    p.v_stride_b = c.g * s_alloc * c.d_v;
-    p.o_stride_d = 1; p.o_stride_h = c.d_v; p.o_stride_g = c.h * c.d_v;
-    p.o_stride_s = c.g * c.h * c.d_v; p.o_stride_b = p.o_stride_s;
-    p.r_stride_e = 1; p.r_stride_n = 2; p.r_stride_g = c.n * 2; p.r_stride_s = c.g * c.n * 2;
-    p.r_stride_b = p.r_stride_s;
-    p.kv_lens_stride_b = 1;
-    p.scale = 1.f / std::sqrt(static_cast<float>(c.d_k));
-    p.dtype = c.dtype;
-    p.index_type = c.int64_ranges ? NSA_SEL_I64 : NSA_SEL_I32;
-    p.kv_lens_type = c.int64_ranges ? NSA_SEL_I64 : NSA_SEL_I32;
     return p;
   }
 
@@ -196,7 +143,9 @@ struct Problem {
     return ref;
   }
 
-  float to_f(uint16_t x) const { return c.dtype == NSA_SEL_BF16 ? bf2f(x) : h2f(x); }
+  float to_f(uint16_t x) const {
+    return c.dtype == NSA_SEL_BF16 ? nsa_sel::bf16_to_float(x) : nsa_sel::half_to_float(x);
+  }
 };
 
 void expect_close(const Problem& pr, const std::vector<uint16_t>& got,
