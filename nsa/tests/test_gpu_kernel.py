@@ -148,8 +148,8 @@ def _dense(Q, K, V, ranges, kv_lens, scale, cdt):
     return torch.matmul(probs, v).unsqueeze(1)  # [B, 1, G, h, Dv]
 
 
-def dense_oracle64(Q, K, V, ranges, kv_lens=None, scale=None, chunk_rows=1 << 14):
-    """float64 oracle (dense, count-weighted), chunked over the batch."""
+def _dense_chunked(Q, K, V, ranges, kv_lens, scale, dtype, chunk_rows=1 << 14):
+    """_dense in `dtype`, chunked over the batch to bound memory."""
     B, _, G = Q.shape[:3]
     step = max(1, chunk_rows // G)
     outs = [
@@ -160,30 +160,21 @@ def dense_oracle64(Q, K, V, ranges, kv_lens=None, scale=None, chunk_rows=1 << 14
             ranges[b : b + step],
             None if kv_lens is None else kv_lens[b : b + step],
             scale,
-            torch.float64,
+            dtype,
         )
         for b in range(0, B, step)
     ]
     return torch.cat(outs, dim=0)
+
+
+def dense_oracle64(Q, K, V, ranges, kv_lens=None, scale=None, chunk_rows=1 << 14):
+    """float64 oracle (dense, count-weighted), chunked over the batch."""
+    return _dense_chunked(Q, K, V, ranges, kv_lens, scale, torch.float64, chunk_rows)
 
 
 def lowp_reference(Q, K, V, ranges, kv_lens=None, scale=None, chunk_rows=1 << 14):
     """The same computation in plain PyTorch in the input dtype (for the tolerance rule)."""
-    B, _, G = Q.shape[:3]
-    step = max(1, chunk_rows // G)
-    outs = [
-        _dense(
-            Q[b : b + step],
-            K[b : b + step],
-            V[b : b + step],
-            ranges[b : b + step],
-            None if kv_lens is None else kv_lens[b : b + step],
-            scale,
-            Q.dtype,
-        )
-        for b in range(0, B, step)
-    ]
-    return torch.cat(outs, dim=0)
+    return _dense_chunked(Q, K, V, ranges, kv_lens, scale, Q.dtype, chunk_rows)
 
 
 def rows_oracle64(Q, K, V, ranges, kv_lens=None, scale=None):
