@@ -5,6 +5,11 @@
 Prints the graph time per call for the same inputs (warm L2) and for `--sets` rotated input sets
 (K/V copies, cold L2). Use with NSA_SEL_DEBUG_SPLITS=k to force the split count, and under ncu
 (`--ncu` runs a handful of eager calls only). bench_sel_cuda.py is the benchmark of record.
+
+`--trace` needs a tuning build of the library (cmake -DNSA_SEL_TRACE=ON, named by NSA_SEL_LIB):
+the kernel then stamps each block's phases with %globaltimer, and this prints, per phase, the
+median over blocks and calls of the cold graph replay, plus each call's span and the gap between
+consecutive calls.
 """
 
 import argparse
@@ -66,6 +71,73 @@ def graph_us(sets, calls):
     return times[len(times) // 2]
 
 
+TRACE_LAUNCHES, TRACE_BLOCKS, TRACE_WORDS = 64, 2048, 32
+PHASES = [  # (from slot, to slot, name): the kernel's NSA_SEL_TRACE_MARK points
+    (0, 1, "entry -> griddepcontrol.wait done"),
+    (1, 2, "ranges to shared memory"),
+    (2, 3, "first tile landed"),
+    (3, 4, "main loop"),
+    (4, 5, "block merge (+ store if unsplit)"),
+    (5, 7, "split: push to owners + cluster barrier"),
+    (7, 8, "split: owner combine + store"),
+]
+
+
+def trace_report(sets, calls, blocks):
+    """Phase breakdown of the last `calls` launches (one graph replay of cold sets)."""
+    import ctypes
+
+    import numpy as np
+
+    lib = ctypes.CDLL(os.environ["NSA_SEL_LIB"])
+    fetch = lib.nsa_sel_trace_fetch
+    fetch.restype = ctypes.c_longlong
+    fetch.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+    graph_us(sets, calls)  # eager warm-up allocates the ring, then capture + replays
+    words = TRACE_LAUNCHES * TRACE_BLOCKS * TRACE_WORDS
+    buf = np.zeros(words, dtype=np.uint64)
+    seq = fetch(buf.ctypes.data, words)
+    if seq < calls:
+        raise SystemExit(f"trace fetch failed ({seq}): is NSA_SEL_LIB a -DNSA_SEL_TRACE=ON build?")
+    ring = buf.reshape(TRACE_LAUNCHES, TRACE_BLOCKS, TRACE_WORDS)
+    nb = min(blocks, TRACE_BLOCKS)
+    recs = [ring[k % TRACE_LAUNCHES, :nb].astype(np.int64) for k in range(seq - calls, seq)]
+    recs = [r[r[:, 0] > 0] for r in recs]  # blocks of the grid (the ring starts zeroed)
+    rows = []
+    for a, b, name in PHASES:
+        d = []
+        for r in recs:
+            ok = (r[:, a] > 0) & (r[:, b] >= r[:, a])
+            d.append((r[ok, b] - r[ok, a]) / 1e3)
+        d = np.concatenate(d) if d else np.zeros(0)
+        if d.size:
+            med, p90 = np.median(d), np.percentile(d, 90)
+            rows.append(f"  {name:38s} median {med:7.2f} us  p90 {p90:7.2f}")
+    mhz = [(r[:, 14] - r[:, 8]) / np.maximum(r[:, 6] - r[:, 0], 1) * 1e3 for r in recs if r.size]
+    rows.append(
+        f"  SM clock (clock64 / globaltimer)       median {np.median(np.concatenate(mhz)):7.0f} MHz"
+    )
+    spans, gaps, ends, waits = [], [], [], []
+    for i, r in enumerate(recs):
+        if not r.size:
+            continue
+        t1 = r[:, 1].min()
+        spans.append((r[:, 6].max() - t1) / 1e3)  # first wait done -> last block end
+        ends.append(np.percentile(r[:, 6] - t1, [10, 50, 90]) / 1e3)
+        waits.append(np.percentile(r[:, 1] - t1, [50, 90, 100]) / 1e3)
+        if i and recs[i - 1].size:
+            gaps.append((t1 - recs[i - 1][:, 6].max()) / 1e3)
+    e, w = np.median(np.array(ends), 0), np.median(np.array(waits), 0)
+    print(f"trace: {calls} calls, {recs[-1].shape[0]} blocks per call")
+    print("\n".join(rows))
+    print(
+        f"  call: first wait done -> last block end median {np.median(spans):7.2f} us\n"
+        f"  block wait-done after the first  p50 {w[0]:.2f} p90 {w[1]:.2f} max {w[2]:.2f} us\n"
+        f"  block end after the first wait   p10 {e[0]:.2f} p50 {e[1]:.2f} p90 {e[2]:.2f} us\n"
+        f"  previous call's last end -> first wait done  median {np.median(gaps):7.2f} us"
+    )
+
+
 def eager_us(fn, n=200, reps=15):
     """Median wall us per call of `fn` (n back-to-back calls, then a sync)."""
     import time
@@ -91,6 +163,7 @@ def main():
     ap.add_argument("--sets", type=int, default=0, help="rotated input sets (0: ~256 MB worth)")
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--ncu", action="store_true", help="a few eager calls only (for ncu)")
+    ap.add_argument("--trace", action="store_true", help="phase breakdown (NSA_SEL_TRACE build)")
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     G, h, dk, dv, s_kv, n = CASES[a.case]
@@ -101,6 +174,14 @@ def main():
         for _ in range(3):
             selection_attention_cuda(*x)
         torch.cuda.synchronize()
+        return
+    if a.trace:
+        full_bytes = a.batch * G * s_kv * (dk + dv) * 2
+        sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
+        splits = int(os.environ.get("NSA_SEL_DEBUG_SPLITS", "8"))
+        trace_report(
+            [make_inputs(a.case, a.batch, gen) for _ in range(sets)], a.calls, a.batch * G * splits
+        )
         return
     x = make_inputs(a.case, a.batch, gen)
     warm = graph_us([x], a.calls)

@@ -6,7 +6,8 @@
 # Steps: configure, build (sm_90), ctest (all suites, GPU included), pytest (CUDA, strict),
 # compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named *Sanitizer*, bench.
 # STEPS="configure build bench" runs a subset (for performance iterations); BENCH_ARGS replaces
-# the benchmark's default arguments (--quick).
+# the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
+# step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes.
 # Each step's log goes to $OUT/<step>.log; a failing step does not stop the next ones; a summary
 # table closes the run, and the exit status is non-zero if any step failed. The whole run keeps
 # to GPU_CHECK_BUDGET_S seconds (default 520, under the 9-minute ceiling).
@@ -108,6 +109,8 @@ step initcheck 60 "${sanitize[@]}" initcheck
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 step bench 300 env "${strict_env[@]}" PYTHONUNBUFFERED=1 python3 bench/bench_sel_cuda.py \
   ${BENCH_ARGS:---quick} --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
+# Not in the default steps: kernel timing + phase trace per shape (scripts/profile_gpu.sh).
+step profile 240 bash "$root/scripts/profile_gpu.sh"
 
 {
   echo

@@ -50,6 +50,28 @@ NsaSelStatus dispatch_dims(const NsaSelParams& p, int device, const DeviceInfo& 
 
 }  // namespace
 
+#ifdef NSA_SEL_TRACE
+// A ring of kTraceLaunches launches x kTraceMaxBlocks block records, allocated (and zeroed) at
+// the first launch, which must therefore not be under graph capture. Tuning builds only.
+namespace {
+constexpr int kTraceLaunches = 64;
+unsigned long long* g_trace = nullptr;
+std::atomic<long long> g_trace_seq{0};
+}  // namespace
+
+unsigned long long* trace_records() {
+  constexpr size_t kBytes = sizeof(unsigned long long) * kTraceLaunches * kTraceMaxBlocks * kTraceWords;
+  if (g_trace == nullptr) {
+    if (cudaMalloc(&g_trace, kBytes) != cudaSuccess || cudaMemset(g_trace, 0, kBytes) != cudaSuccess)
+      return g_trace = nullptr;
+  }
+  const long long seq = g_trace_seq.fetch_add(1);
+  return g_trace + (seq % kTraceLaunches) * kTraceMaxBlocks * kTraceWords;
+}
+#else
+unsigned long long* trace_records() { return nullptr; }
+#endif
+
 NsaSelStatus cuda_status(cudaError_t err, const char* what) {
   switch (err) {
     case cudaErrorNoDevice:
@@ -120,3 +142,19 @@ extern "C" NsaSelStatus nsa_sel_decode_cuda(const NsaSelParams* p, int32_t devic
   if (p->dtype == NSA_SEL_BF16) return dispatch_dims<__nv_bfloat16>(*p, device, dev, s);
   return dispatch_dims<__half>(*p, device, dev, s);
 }
+
+#ifdef NSA_SEL_TRACE
+// Copies the trace ring (kTraceLaunches x kTraceMaxBlocks x kTraceWords words) to `host`
+// (capacity in words) after a device synchronisation; returns the number of launches traced so
+// far (launch k lives in ring slot k % kTraceLaunches), or -1 on failure.
+extern "C" long long nsa_sel_trace_fetch(unsigned long long* host, long long capacity) {
+  using namespace nsa_sel;
+  const long long words = static_cast<long long>(kTraceLaunches) * kTraceMaxBlocks * kTraceWords;
+  if (g_trace == nullptr || capacity < words) return -1;
+  if (cudaDeviceSynchronize() != cudaSuccess) return -1;
+  if (cudaMemcpy(host, g_trace, words * sizeof(unsigned long long), cudaMemcpyDeviceToHost) !=
+      cudaSuccess)
+    return -1;
+  return g_trace_seq.load();
+}
+#endif

@@ -65,17 +65,22 @@ struct DecodeTraits {
   static constexpr int kKVBytes = kStages * (kKStageBytes + kVStageBytes);
   // After the main loop the K/V stages are reused for the merges.
   static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
-  static constexpr int kMergeBytes = (kSlices - 1) * kStateBytes;
+  static constexpr int kMergeBytes = kSlices * kStateBytes;
   static constexpr int kUnionBytes = kKVBytes > kMergeBytes ? kKVBytes : kMergeBytes;
   static constexpr int kOffQ = 0;
   static constexpr int kOffKV = kOffQ + kQBytes;
   static constexpr int kOffTok = kOffKV + kUnionBytes;
-  static constexpr int kOffRanges = kOffTok + kTokBufs * kTile * 4;
-  static_assert(kStateBytes + kMaxSplits * kHeads * 4 <= kUnionBytes,
-                "cluster partial state and combine weights must fit the union");
+  // Split blocks only: the combine's receive area, written by the peers of the cluster at any
+  // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
+  // then (m, l) [splits][kHeads][2], fp32.
+  static constexpr int kOffRecv = kOffTok + kTokBufs * kTile * 4;
+  static constexpr int kRecvBytes = kHeads * DV * 4 + kMaxSplits * kHeads * 2 * 4;
+  __host__ __device__ static constexpr int off_ranges(int splits) {
+    return kOffRecv + (splits > 1 ? kRecvBytes : 0);
+  }
 
-  static constexpr int smem_bytes(int64_t n) {
-    return kOffRanges + static_cast<int>(n) * 8 + 16;
+  __host__ __device__ static constexpr int smem_bytes(int64_t n, int splits) {
+    return off_ranges(splits) + static_cast<int>(n) * 8 + 16;
   }
 };
 
@@ -90,6 +95,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
@@ -171,27 +179,50 @@ __device__ __forceinline__ void merge_weights(float m, float m2, float& w, float
   w2 = fast_exp2(m2 - ref);
 }
 
+// Phase timestamps for tuning builds (-DNSA_SEL_TRACE=ON): thread 0 of each of the first
+// kTraceMaxBlocks blocks writes %globaltimer (ns, comparable across SMs) into slot `i` < 15 and
+// clock64 (SM cycles) into slot 16 + i of its 32-word record; slot 15 holds the SM id. Compiled out
+// otherwise (the trace pointer is then always null and unused).
+constexpr int kTraceMaxBlocks = 2048;
+constexpr int kTraceWords = 32;
+#ifdef NSA_SEL_TRACE
+__device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
+  if (rec != nullptr && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    rec[i] = t;
+    rec[16 + i] = static_cast<unsigned long long>(clock64());
+    if (i == 0) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      rec[15] = sm;
+    }
+  }
+}
+#define NSA_SEL_TRACE_MARK(i) trace_mark(trace_rec, i)
+#else
+#define NSA_SEL_TRACE_MARK(i) ((void)0)
+#endif
+
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int DK, int DV, int MT>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
-    sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits) {
+    sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
+                      unsigned long long* trace) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* q_s = smem + Tr::kOffQ;
   unsigned char* kv_s = smem + Tr::kOffKV;
   int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::kOffTok);          // [kTokBufs][64]
-  int32_t* excl_s = reinterpret_cast<int32_t*>(smem + Tr::kOffRanges);      // [n]
+  int32_t* excl_s = reinterpret_cast<int32_t*>(smem + Tr::off_ranges(splits));  // [n]
   int32_t* key_s = excl_s + p.n;                                            // [n]
   int32_t* total_s = key_s + p.n;                                           // [1]
 
-#ifdef NSA_SEL_HAS_CLUSTERS
-  // Programmatic dependent launch: let the next kernel in the stream start launching now, and
-  // wait until the previous one has completed (and its writes are visible) before reading any
-  // input. Both are no-ops when the launch did not opt in.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+  unsigned long long* trace_rec =
+      trace != nullptr && blockIdx.x < kTraceMaxBlocks ? trace + blockIdx.x * kTraceWords : nullptr;
+  (void)trace_rec;
+  NSA_SEL_TRACE_MARK(0);
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -202,6 +233,38 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   const int split = static_cast<int>(blockIdx.x % splits);
   const int64_t b = row / p.g;
   const int64_t g = row % p.g;
+  const T* q_row = static_cast<const T*>(p.q) + b * p.q_stride_b + g * p.q_stride_g;
+  const T* k_row = static_cast<const T*>(p.k) + b * p.k_stride_b + g * p.k_stride_g;
+  const T* v_row = static_cast<const T*>(p.v) + b * p.v_stride_b + g * p.v_stride_g;
+  const unsigned char* r_base = static_cast<const unsigned char*>(p.ranges);
+  const int64_t r_row = b * p.r_stride_b + g * p.r_stride_g;
+
+#ifdef NSA_SEL_HAS_CLUSTERS
+  // Warm L2 (and the TLB) with this row's ranges and Q while the previous kernel may still be
+  // running. A prefetch reads nothing into the program: L2 is the device's point of coherence,
+  // so a line the previous kernel writes afterwards is simply updated there.
+  {
+    const int es = p.index_type == NSA_SEL_I64 ? 8 : 4;
+    const int64_t n_pf = p.n < 128 ? p.n : 128;
+    if (tid < n_pf) prefetch_l2(r_base + (r_row + tid * p.r_stride_n) * es);
+    constexpr int kLines = (DK * 2 + 127) / 128;  // 128-byte lines per Q row
+    const int q_lines = static_cast<int>(p.h) * kLines;
+    for (int c = tid; c < q_lines; c += Tr::kThreads)
+      prefetch_l2(q_row + (c / kLines) * p.q_stride_h + (c % kLines) * 64);
+  }
+  // Programmatic dependent launch: let the next kernel in the stream start launching now, and
+  // wait until the previous one has completed (and its writes are visible) before reading any
+  // input. Both are no-ops when the launch did not opt in.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  NSA_SEL_TRACE_MARK(1);
+#ifdef NSA_SEL_HAS_CLUSTERS
+  // Split blocks write into their peers' shared memory at the end, which is allowed once every
+  // block of the cluster has started: announce it now, check it (for free, by then) before the
+  // first remote write.
+  if (splits > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
 
   // Causal limit for the single query (t = kv_len - 1): lim = kv_len, clamped into [0, s_kv] so a
   // bad kv_lens value can never send a load out of the tensor.
@@ -210,10 +273,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     lim = load_idx(p.kv_lens, p.kv_lens_type, b * p.kv_lens_stride_b);
     lim = lim < 0 ? 0 : (lim > p.s_kv ? p.s_kv : lim);
   }
-
-  const T* q_row = static_cast<const T*>(p.q) + b * p.q_stride_b + g * p.q_stride_g;
-  const T* k_row = static_cast<const T*>(p.k) + b * p.k_stride_b + g * p.k_stride_g;
-  const T* v_row = static_cast<const T*>(p.v) + b * p.v_stride_b + g * p.v_stride_g;
 
   // Q of all (padded) heads; heads >= h are zero-filled and never stored.
   for (int c = tid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
@@ -226,8 +285,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
 
   // Clamped ranges -> (exclusive prefix of lengths, start - prefix), by warp 0 in chunks of 32.
   if (warp == 0) {
-    const unsigned char* r_base = static_cast<const unsigned char*>(p.ranges);
-    const int64_t r_row = b * p.r_stride_b + g * p.r_stride_g;
     int carry = 0;
     for (int64_t base = 0; base < p.n; base += 32) {
       const int64_t i = base + lane;
@@ -258,6 +315,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     if (lane == 0) *total_s = carry;
   }
   __syncthreads();
+  NSA_SEL_TRACE_MARK(2);
 
   const int total = *total_s;
   const int n_tiles = (total + Tr::kTile - 1) / Tr::kTile;
@@ -343,6 +401,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     cp_async_commit();
     cp_async_wait<Tr::kStages - 1>();
     __syncthreads();
+    if (it == 0) NSA_SEL_TRACE_MARK(3);
 
     const unsigned char* k_st = kv_s + (it % Tr::kStages) * Tr::kKStageBytes;
     const unsigned char* v_st =
@@ -434,6 +493,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     }
   }
   cp_async_wait<0>();
+  NSA_SEL_TRACE_MARK(4);
 
   // Row sums were per thread; a quad holds one row.
 #pragma unroll
@@ -443,15 +503,17 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   }
   __syncthreads();  // K/V stages are free: reuse them for the merges
 
-  // State set k of the merge area: O [kHeads][kOStride], then m [kHeads], then l [kHeads].
+  // State set `slice` of the merge area: O [kHeads][kOStride], then m [kHeads], then l [kHeads].
   float* merge_s = reinterpret_cast<float*>(kv_s);
   auto state_o = [&](int set) { return merge_s + set * (Tr::kStateBytes / 4); };
   auto state_m = [&](int set) { return state_o(set) + Tr::kHeads * Tr::kOStride; };
   auto state_l = [&](int set) { return state_m(set) + Tr::kHeads; };
   const int r0 = mt * 16 + (lane >> 2);  // this thread's first head row; the second is r0 + 8
 
-  auto store_state = [&](int set) {
-    float* os = state_o(set);
+  // Every warp publishes its (O, m, l); then the O rows are merged in parallel, each thread
+  // weighing the slices of its head itself, slice by slice in order (deterministic).
+  {
+    float* os = state_o(slice);
 #pragma unroll
     for (int i = 0; i < DV / 8; ++i) {
       const int col = i * 8 + (lane & 3) * 2;
@@ -460,127 +522,137 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
           make_float2(o[i][2], o[i][3]);
     }
     if ((lane & 3) == 0) {
-      state_m(set)[r0] = m_run[0];
-      state_m(set)[r0 + 8] = m_run[1];
-      state_l(set)[r0] = l_run[0];
-      state_l(set)[r0 + 8] = l_run[1];
+      state_m(slice)[r0] = m_run[0];
+      state_m(slice)[r0 + 8] = m_run[1];
+      state_l(slice)[r0] = l_run[0];
+      state_l(slice)[r0 + 8] = l_run[1];
+    }
+  }
+  __syncthreads();
+
+  // Weights of the slices of head hr and the block's (m, l) of that head.
+  auto slice_weights = [&](int hr, float (&w)[Tr::kSlices], float& m_all, float& l_all) {
+    m_all = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < Tr::kSlices; ++k) m_all = fmaxf(m_all, state_m(k)[hr]);
+    const float ref = m_all == -INFINITY ? 0.f : m_all;  // all slices empty: weights 0
+    l_all = 0.f;
+#pragma unroll
+    for (int k = 0; k < Tr::kSlices; ++k) {
+      w[k] = fast_exp2(state_m(k)[hr] - ref);
+      l_all += w[k] * state_l(k)[hr];
     }
   };
-
-  // Merge the token slices of each m-tile into slice 0, in slice order (deterministic).
-  if (Tr::kSlices > 1) {
-    if (slice > 0) store_state(slice - 1);
-    __syncthreads();
-    if (slice == 0) {
-      for (int set = 0; set < Tr::kSlices - 1; ++set) {
-        const float* os = state_o(set);
+  auto merge_group = [&](int hr, int c4, const float (&w)[Tr::kSlices]) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int hr = r0 + 8 * r;
-          float w, w2, mm;
-          merge_weights(m_run[r], state_m(set)[hr], w, w2, mm);
-          m_run[r] = mm;
-          l_run[r] = l_run[r] * w + state_l(set)[hr] * w2;
-#pragma unroll
-          for (int i = 0; i < DV / 8; ++i) {
-            const float2 x =
-                *reinterpret_cast<const float2*>(os + hr * Tr::kOStride + i * 8 + (lane & 3) * 2);
-            o[i][2 * r] = o[i][2 * r] * w + x.x * w2;
-            o[i][2 * r + 1] = o[i][2 * r + 1] * w + x.y * w2;
-          }
-        }
-      }
+    for (int k = 0; k < Tr::kSlices; ++k) {
+      const float4 x = *reinterpret_cast<const float4*>(state_o(k) + hr * Tr::kOStride + c4);
+      acc.x += w[k] * x.x;
+      acc.y += w[k] * x.y;
+      acc.z += w[k] * x.z;
+      acc.w += w[k] * x.w;
     }
-    __syncthreads();  // merge area free again
-  }
+    return acc;
+  };
 
   T* out_row = static_cast<T*>(p.out) + b * p.o_stride_b + g * p.o_stride_g;
+  constexpr int kGroups = DV / 4;  // float4 column groups per head
+  const int n_groups = static_cast<int>(p.h) * kGroups;
+  auto store4 = [&](int hr, int c4, float4 v) {
+    T* dst = out_row + hr * p.o_stride_h + c4;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+  };
 
   if (splits == 1) {
-    if (slice == 0) {
+    for (int gi = tid; gi < n_groups; gi += Tr::kThreads) {
+      const int hr = gi / kGroups, c4 = (gi % kGroups) * 4;
+      float w[Tr::kSlices], m_all, l_all;
+      slice_weights(hr, w, m_all, l_all);
+      // Empty selection: l_all == 0 and every O is 0, so weights 0 give exact zeros (never
+      // 0/0). NaN in the selected data keeps propagating.
+      const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int hr = r0 + 8 * r;
-        if (hr >= p.h) continue;
-        // Empty selection: l == 0 and o == 0, so the output is exactly 0 (never 0/0). NaN in the
-        // selected data keeps propagating, since NaN == 0 is false.
-        const float inv = l_run[r] == 0.f ? 0.f : 1.f / l_run[r];
-        T* dst = out_row + hr * p.o_stride_h;
-#pragma unroll
-        for (int i = 0; i < DV / 8; ++i) {
-          const int col = i * 8 + (lane & 3) * 2;
-          *reinterpret_cast<uint32_t*>(dst + col) =
-              pack2<T>(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
-        }
-      }
+      for (int k = 0; k < Tr::kSlices; ++k) w[k] *= inv;
+      store4(hr, c4, merge_group(hr, c4, w));
     }
+    NSA_SEL_TRACE_MARK(5);
+    NSA_SEL_TRACE_MARK(6);
     return;
   }
 
 #ifdef NSA_SEL_HAS_CLUSTERS
-  // Split-KV combine across the cluster. Every block publishes its state in its own shared
-  // memory. Then each block computes, for every head, the weight of every split's state
-  // (exp2(m_k - M) / L, in split order: deterministic) into local shared memory, and finally
-  // block `split` writes a 1/splits share of the outputs, reading the peers' O rows as float4
-  // with all peers' loads in flight at once (distributed shared memory has a long latency).
+  // Split-KV combine across the cluster, by pushing: block `split` owns output columns
+  // [split, split + 1) * DV / splits of every head. Each block sends its merged O of those
+  // columns, and its (m, l) of every head, into the owner's receive area (distributed shared
+  // memory stores: no round trip). One cluster barrier (release / acquire) later, every owner
+  // holds all the splits' states of its columns locally, weighs them in split order
+  // (deterministic) and stores. Nobody reads a peer's memory, so no second barrier.
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  if (slice == 0) store_state(0);
-  cluster.sync();
-  float* coef_s = state_o(0) + Tr::kStateBytes / 4;  // [kMaxSplits][kHeads], local
-  if (tid < Tr::kHeads) {
-    float m_k[kMaxSplits], l_k[kMaxSplits];
-#pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) {
-      m_k[k] = -INFINITY;
-      l_k[k] = 0.f;
-      if (k < splits) {
-        m_k[k] = cluster.map_shared_rank(state_m(0), k)[tid];
-        l_k[k] = cluster.map_shared_rank(state_l(0), k)[tid];
-      }
+  float* recv_o = reinterpret_cast<float*>(smem + Tr::kOffRecv);  // [splits][kHeads][DV/splits]
+  float* recv_ml = recv_o + Tr::kHeads * DV;                       // [splits][kHeads][2]
+  const int share = kGroups / splits;  // column groups per owner (splits divides kGroups)
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started
+  NSA_SEL_TRACE_MARK(5);
+  for (int gi = tid; gi < n_groups; gi += Tr::kThreads) {
+    const int hr = gi / kGroups, cg4 = gi % kGroups;
+    float w[Tr::kSlices], m_all, l_all;
+    slice_weights(hr, w, m_all, l_all);
+    const float4 acc = merge_group(hr, cg4 * 4, w);
+    const int owner = cg4 / share, j = cg4 % share;
+    float* dst = cluster.map_shared_rank(recv_o, owner);
+    *reinterpret_cast<float4*>(dst + (split * Tr::kHeads + hr) * (share * 4) + j * 4) = acc;
+    if (cg4 % share == 0) {
+      float* ml = cluster.map_shared_rank(recv_ml, owner);
+      *reinterpret_cast<float2*>(ml + (split * Tr::kHeads + hr) * 2) = make_float2(m_all, l_all);
     }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  NSA_SEL_TRACE_MARK(7);
+  const int my_groups = static_cast<int>(p.h) * share;
+  for (int gi = tid; gi < my_groups; gi += Tr::kThreads) {
+    const int hr = gi / share, j = gi % share;
+    float m_k[kMaxSplits], l_k[kMaxSplits];
     float m_all = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) m_all = fmaxf(m_all, m_k[k]);
+    for (int k = 0; k < kMaxSplits; ++k) {
+      if (k < splits) {
+        const float2 ml = *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2);
+        m_k[k] = ml.x;
+        l_k[k] = ml.y;
+        m_all = fmaxf(m_all, ml.x);
+      }
+    }
     const float ref = m_all == -INFINITY ? 0.f : m_all;  // all splits empty: weights 0
     float l_all = 0.f;
 #pragma unroll
     for (int k = 0; k < kMaxSplits; ++k) {
-      m_k[k] = k < splits ? fast_exp2(m_k[k] - ref) : 0.f;
-      l_all += m_k[k] * l_k[k];
+      if (k < splits) {
+        m_k[k] = fast_exp2(m_k[k] - ref);
+        l_all += m_k[k] * l_k[k];
+      }
     }
     // Empty selection: l_all == 0 and every O is 0, so coefficients 0 give exact zeros.
     const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
-#pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) coef_s[k * Tr::kHeads + tid] = m_k[k] * inv;
-  }
-  __syncthreads();
-  constexpr int kGroups = DV / 4;  // float4 column groups per head
-  const int n_groups = static_cast<int>(p.h) * kGroups;
-  for (int gi = split * Tr::kThreads + tid; gi < n_groups; gi += splits * Tr::kThreads) {
-    const int hr = gi / kGroups, c4 = (gi % kGroups) * 4;
-    float4 x[kMaxSplits];
-#pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k)
-      if (k < splits)
-        x[k] = *reinterpret_cast<const float4*>(
-            cluster.map_shared_rank(state_o(0), k) + hr * Tr::kOStride + c4);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int k = 0; k < kMaxSplits; ++k) {
       if (k < splits) {
-        const float c = coef_s[k * Tr::kHeads + hr];
-        acc.x += c * x[k].x;
-        acc.y += c * x[k].y;
-        acc.z += c * x[k].z;
-        acc.w += c * x[k].w;
+        const float c = m_k[k] * inv;
+        const float4 x = *reinterpret_cast<const float4*>(
+            recv_o + (k * Tr::kHeads + hr) * (share * 4) + j * 4);
+        acc.x += c * x.x;
+        acc.y += c * x.y;
+        acc.z += c * x.z;
+        acc.w += c * x.w;
       }
     }
-    T* dst = out_row + hr * p.o_stride_h + c4;
-    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc.x, acc.y);
-    *reinterpret_cast<uint32_t*>(dst + 2) = pack2<T>(acc.z, acc.w);
+    store4(hr, (split * share + j) * 4, acc);
   }
-  cluster.sync();  // keep every block's shared memory alive until its peers are done reading
+  NSA_SEL_TRACE_MARK(8);
+  NSA_SEL_TRACE_MARK(6);
 #endif
 }
 

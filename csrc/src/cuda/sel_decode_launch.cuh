@@ -27,12 +27,18 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what);
 // Splits per (b, g) row (see sel_decode.cu).
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev);
 
+// Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
+unsigned long long* trace_records();
+
 template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
                     cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   auto kernel = sel_decode_kernel<T, DK, DV, MT>;
-  const int smem = Tr::smem_bytes(p.n);
+  int splits = plan_splits(p, dev);
+  // The receive area of the split combine must fit too; otherwise one block per row.
+  if (splits > 1 && Tr::smem_bytes(p.n, splits) > dev.max_smem_optin) splits = 1;
+  const int smem = Tr::smem_bytes(p.n, splits);
   if (smem > dev.max_smem_optin)
     return fail(NSA_SEL_ERR_UNSUPPORTED,
                 "n: %lld ranges need %d bytes of shared memory, the device allows %d",
@@ -49,7 +55,6 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
     if (cached) smem_set[device].store(smem, std::memory_order_relaxed);
   }
 
-  const int splits = plan_splits(p, dev);
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
   const unsigned blocks = static_cast<unsigned>(p.b * p.g * splits);
 
@@ -76,7 +81,8 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   }
   cfg.attrs = attr;
   cfg.numAttrs = n_attr;
-  const cudaError_t launch_err = cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits);
+  unsigned long long* trace = trace_records();
+  const cudaError_t launch_err = cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, trace);
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
