@@ -99,29 +99,47 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what) {
   }
 }
 
+namespace {
+// NSA_SEL_DEBUG_<NAME>=k forces a planning choice for tuning experiments; read once. 0: unset.
+int debug_knob(const char* name) {
+  const char* env = std::getenv(name);
+  return env ? std::atoi(env) : 0;
+}
+}  // namespace
+
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
-// power of two, at most the cluster limit and one split per 64-token tile a row could hold, such
-// that rows * splits stays within one block per SM. Measured on the H100 (NOTES.md): splitting
-// further, to fill the second resident block of each SM, costs more in per-block setup and
-// cluster barriers than it gains (nsa27b B=16: 24 us with 2 splits, 34 us with 4), and a
-// split when the rows alone fill the SMs costs 10% (d128 B=64).
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev) {
+// power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could hold, such
+// that rows * splits stays within one block per SM, or within two per SM for tiles of at most
+// 16 KB. Measured on the H100 (NOTES.md): with 40 KB tiles (nsa27b B=16) 4 splits cost 25.6 us
+// against 20.9 for 2, and splitting rows that already fill the SMs costs 7% (d128 B=64); with
+// 16 KB tiles, where one block per SM cannot keep enough bytes in flight, 2 splits of m125 B=64
+// (2 blocks per SM) take 17.9 us against 19.7 unsplit.
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes) {
   if (dev.cc_major < 9) return 1;
-  // NSA_SEL_DEBUG_SPLITS=k forces k splits (1, 2, 4 or 8) for tuning experiments; read once.
-  static const int forced = [] {
-    const char* env = std::getenv("NSA_SEL_DEBUG_SPLITS");
-    const int k = env ? std::atoi(env) : 0;
-    return (k == 1 || k == 2 || k == 4 || k == 8) ? k : 0;
-  }();
-  if (forced) return forced;
+  static const int forced = debug_knob("NSA_SEL_DEBUG_SPLITS");
+  if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return forced;
   const int64_t rows = p.b * p.g;
   const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n*s_kv < 2^31
+  const int64_t slots = static_cast<int64_t>(dev.sm_count) * (tile_bytes <= 16 * 1024 ? 2 : 1);
   int splits = 1;
-  while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles &&
-         rows * splits * 2 <= static_cast<int64_t>(dev.sm_count))
+  while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= slots)
     splits *= 2;
   return splits;
+}
+
+// Pipeline stages per block: as many as fit about 96 KB of K/V tiles (2 blocks per SM), except
+// that blocks of at most 16 KB tiles that come in more than two waves of 2 per SM keep 48 KB
+// (4 blocks per SM), so that the latency a block spends before its first tile lands (ranges, then
+// K/V) overlaps the streaming of the others.
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
+                int max_stages) {
+  static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
+  if (forced >= 2) return std::min(forced, max_stages);
+  const int64_t blocks = p.b * p.g * splits;
+  if (tile_bytes <= 16 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
+    return std::min(std::max(48 * 1024 / tile_bytes, 2), max_stages);
+  return max_stages;
 }
 
 }  // namespace nsa_sel

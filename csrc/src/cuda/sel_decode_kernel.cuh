@@ -29,7 +29,8 @@
 
 namespace nsa_sel {
 
-// Most blocks (splits) per (b, g) row: the portable thread block cluster size.
+// Most blocks (splits) per (b, g) row: the portable thread block cluster size. (16, the H100's
+// non-portable size, measured slower at B=1: nsa27b 8.3 us against 7.1 with 8.)
 constexpr int kMaxSplits = 8;
 
 template <typename T, int DK, int DV, int MT>
@@ -39,12 +40,16 @@ struct DecodeTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kSlices = kWarps / MT;       // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
-  // K/V tiles in shared memory: about 96 KB per block, so that each block keeps 48-80 KB of
-  // loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
+  // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
+  // KB of loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
+  // kStages is the most stages; the launch picks the number (2..kStages, `stages_for`) and sizes
+  // shared memory for it.
   static constexpr int kTileBytes = kTile * (DK + DV) * 2;
-  static constexpr int kStages = 96 * 1024 / kTileBytes < 2   ? 2
-                                 : 96 * 1024 / kTileBytes > 6 ? 6
-                                                              : 96 * 1024 / kTileBytes;
+  __host__ __device__ static constexpr int stages_for(int budget_bytes) {
+    return budget_bytes / kTileBytes < 2 ? 2 : budget_bytes / kTileBytes > 6 ? 6
+                                                                           : budget_bytes / kTileBytes;
+  }
+  static constexpr int kStages = stages_for(96 * 1024);
   static constexpr int kTokBufs = kStages + 1;      // token-index buffers (see the main loop)
   static constexpr int kChunksK = DK * 2 / 16;      // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;
@@ -60,27 +65,27 @@ struct DecodeTraits {
 
   // Shared memory layout (bytes), all offsets multiples of 16.
   static constexpr int kQBytes = kHeads * DK * 2;
-  static constexpr int kKStageBytes = kTile * DK * 2;
-  static constexpr int kVStageBytes = kTile * DV * 2;
-  static constexpr int kKVBytes = kStages * (kKStageBytes + kVStageBytes);
+  static constexpr int kKStageBytes = kTile * DK * 2;  // a stage: K rows, then V rows
   // After the main loop the K/V stages are reused for the merges.
   static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
   static constexpr int kMergeBytes = kSlices * kStateBytes;
-  static constexpr int kUnionBytes = kKVBytes > kMergeBytes ? kKVBytes : kMergeBytes;
   static constexpr int kOffQ = 0;
   static constexpr int kOffKV = kOffQ + kQBytes;
-  static constexpr int kOffTok = kOffKV + kUnionBytes;
   // Split blocks only: the combine's receive area, written by the peers of the cluster at any
   // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
   // then (m, l) [splits][kHeads][2], fp32.
-  static constexpr int kOffRecv = kOffTok + kTokBufs * kTile * 4;
   static constexpr int kRecvBytes = kHeads * DV * 4 + kMaxSplits * kHeads * 2 * 4;
-  __host__ __device__ static constexpr int off_ranges(int splits) {
-    return kOffRecv + (splits > 1 ? kRecvBytes : 0);
+  __host__ __device__ static constexpr int off_tok(int stages) {
+    return kOffKV + (stages * kTileBytes > kMergeBytes ? stages * kTileBytes : kMergeBytes);
   }
-
-  __host__ __device__ static constexpr int smem_bytes(int64_t n, int splits) {
-    return off_ranges(splits) + static_cast<int>(n) * 8 + 16;
+  __host__ __device__ static constexpr int off_recv(int stages) {
+    return off_tok(stages) + kTokBufs * kTile * 4;
+  }
+  __host__ __device__ static constexpr int off_ranges(int stages, int splits) {
+    return off_recv(stages) + (splits > 1 ? kRecvBytes : 0);
+  }
+  __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits) {
+    return off_ranges(stages, splits) + static_cast<int>(n) * 8 + 16;
   }
 };
 
@@ -103,6 +108,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// cp.async.wait_group with a block-uniform runtime count in [1, 5].
+__device__ __forceinline__ void cp_async_wait_rt(int n) {
+  switch (n) {
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    default: cp_async_wait<5>(); break;
+  }
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -209,13 +224,13 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 template <typename T, int DK, int DV, int MT>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
-                      unsigned long long* trace) {
+                      const int stages, unsigned long long* trace) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* q_s = smem + Tr::kOffQ;
   unsigned char* kv_s = smem + Tr::kOffKV;
-  int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::kOffTok);          // [kTokBufs][64]
-  int32_t* excl_s = reinterpret_cast<int32_t*>(smem + Tr::off_ranges(splits));  // [n]
+  int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::off_tok(stages));  // [kTokBufs][64]
+  int32_t* excl_s = reinterpret_cast<int32_t*>(smem + Tr::off_ranges(stages, splits));  // [n]
   int32_t* key_s = excl_s + p.n;                                            // [n]
   int32_t* total_s = key_s + p.n;                                           // [1]
 
@@ -274,15 +289,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     lim = lim < 0 ? 0 : (lim > p.s_kv ? p.s_kv : lim);
   }
 
-  // Q of all (padded) heads; heads >= h are zero-filled and never stored.
-  for (int c = tid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
-    const int hh = c / (DK / 8), ch = c % (DK / 8);
-    const bool valid = hh < p.h;
-    const T* src = valid ? q_row + hh * p.q_stride_h + ch * 8 : q_row;
-    cp_async16(q_s + swz(hh, ch, Tr::kChunksK), src, valid);
-  }
-  cp_async_commit();
-
   // Clamped ranges -> (exclusive prefix of lengths, start - prefix), by warp 0 in chunks of 32.
   if (warp == 0) {
     int carry = 0;
@@ -314,6 +320,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     }
     if (lane == 0) *total_s = carry;
   }
+
+  // Q of all (padded) heads; heads >= h are zero-filled and never stored.
+  for (int c = tid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
+    const int hh = c / (DK / 8), ch = c % (DK / 8);
+    const bool valid = hh < p.h;
+    const T* src = valid ? q_row + hh * p.q_stride_h + ch * 8 : q_row;
+    cp_async16(q_s + swz(hh, ch, Tr::kChunksK), src, valid);
+  }
+  cp_async_commit();
+
   __syncthreads();
   NSA_SEL_TRACE_MARK(2);
 
@@ -346,11 +362,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   constexpr int kRowsPerPass = Tr::kThreads / 8;
   const int ld_row = tid >> 3;
   const int ld_col = ((tid & 7) ^ (ld_row & 7)) * 16;  // bytes; kRowsPerPass is a multiple of 8
-  auto issue_loads = [&](int it) {
+  auto issue_loads = [&](int it, int stage) {
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
-    unsigned char* k_st = kv_s + (it % Tr::kStages) * Tr::kKStageBytes;
-    unsigned char* v_st =
-        kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
+    unsigned char* k_st = kv_s + stage * Tr::kTileBytes;
+    unsigned char* v_st = k_st + Tr::kKStageBytes;
 #pragma unroll
     for (int pass = 0; pass < Tr::kTile / kRowsPerPass; ++pass) {
       const int r = ld_row + pass * kRowsPerPass;
@@ -375,38 +390,39 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
 
-  // Prologue: tiles 0 .. kStages-2 in flight.
-#pragma unroll
-  for (int it = 0; it < Tr::kStages - 1; ++it)
+  // Prologue: tiles 0 .. stages-2 in flight, tile i in stage i.
+  for (int it = 0; it < stages - 1; ++it)
     if (it < my_tiles) fill_tok(it);
   __syncthreads();
-#pragma unroll
-  for (int it = 0; it < Tr::kStages - 1; ++it) {
-    if (it < my_tiles) issue_loads(it);
+  for (int it = 0; it < stages - 1; ++it) {
+    if (it < my_tiles) issue_loads(it, it);
     cp_async_commit();
   }
+  int st_use = 0;            // stage of tile it
+  int st_fill = stages - 1;  // stage of tile it + stages - 1
 
   const int lr = lane & 7;          // row within an 8x8 ldmatrix matrix
   const int lm = lane >> 3;         // which of the 4 matrices this lane addresses
   const int tok0 = slice * Tr::kTokPerWarp;
 
   for (int it = 0; it < my_tiles; ++it) {
-    // Token indices for tile it + kStages - 1 go to a buffer nobody reads now (kTokBufs =
-    // kStages + 1); the barrier then also guarantees every warp finished computing tile it - 1,
-    // so its K/V stage can be refilled.
-    const int nxt = it + Tr::kStages - 1;
+    // Token indices for tile it + stages - 1 go to a buffer nobody reads now (kTokBufs =
+    // kStages + 1 > stages); the barrier then also guarantees every warp finished computing
+    // tile it - 1, whose K/V stage (st_fill) is refilled.
+    const int nxt = it + stages - 1;
     if (nxt < my_tiles) fill_tok(nxt);
     __syncthreads();
-    if (nxt < my_tiles) issue_loads(nxt);
+    if (nxt < my_tiles) issue_loads(nxt, st_fill);
     cp_async_commit();
-    cp_async_wait<Tr::kStages - 1>();
+    cp_async_wait_rt(stages - 1);
     __syncthreads();
     if (it == 0) NSA_SEL_TRACE_MARK(3);
 
-    const unsigned char* k_st = kv_s + (it % Tr::kStages) * Tr::kKStageBytes;
-    const unsigned char* v_st =
-        kv_s + Tr::kStages * Tr::kKStageBytes + (it % Tr::kStages) * Tr::kVStageBytes;
+    const unsigned char* k_st = kv_s + st_use * Tr::kTileBytes;
+    const unsigned char* v_st = k_st + Tr::kKStageBytes;
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
+    st_use = st_use + 1 == stages ? 0 : st_use + 1;
+    st_fill = st_fill + 1 == stages ? 0 : st_fill + 1;
 
     // S = Q K^T for 16 heads x kTokPerWarp tokens, in two accumulator sets (even and odd k
     // steps) so the dependent mma chain is half as long: with one warp per scheduler at small
@@ -590,7 +606,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   // (deterministic) and stores. Nobody reads a peer's memory, so no second barrier.
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  float* recv_o = reinterpret_cast<float*>(smem + Tr::kOffRecv);  // [splits][kHeads][DV/splits]
+  float* recv_o = reinterpret_cast<float*>(smem + Tr::off_recv(stages));  // [splits][kHeads][DV/splits]
   float* recv_ml = recv_o + Tr::kHeads * DV;                       // [splits][kHeads][2]
   const int share = kGroups / splits;  // column groups per owner (splits divides kGroups)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started

@@ -24,8 +24,10 @@ struct DeviceInfo {
 // Maps a CUDA error to the library's status (no device / sticky / other) with a message.
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
-// Splits per (b, g) row (see sel_decode.cu).
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev);
+// Splits per (b, g) row and pipeline stages per block (see sel_decode.cu).
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes);
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
+                int max_stages);
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
@@ -35,10 +37,12 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
                     cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   auto kernel = sel_decode_kernel<T, DK, DV, MT>;
-  int splits = plan_splits(p, dev);
+
+  int splits = plan_splits(p, dev, Tr::kTileBytes);
+  const int stages = plan_stages(p, dev, splits, Tr::kTileBytes, Tr::kStages);
   // The receive area of the split combine must fit too; otherwise one block per row.
-  if (splits > 1 && Tr::smem_bytes(p.n, splits) > dev.max_smem_optin) splits = 1;
-  const int smem = Tr::smem_bytes(p.n, splits);
+  if (splits > 1 && Tr::smem_bytes(p.n, stages, splits) > dev.max_smem_optin) splits = 1;
+  const int smem = Tr::smem_bytes(p.n, stages, splits);
   if (smem > dev.max_smem_optin)
     return fail(NSA_SEL_ERR_UNSUPPORTED,
                 "n: %lld ranges need %d bytes of shared memory, the device allows %d",
@@ -56,10 +60,10 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   }
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
-  const unsigned blocks = static_cast<unsigned>(p.b * p.g * splits);
 
+  const int64_t blocks = p.b * p.g * splits;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
   cfg.blockDim = dim3(Tr::kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -82,7 +86,8 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   cfg.attrs = attr;
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
-  const cudaError_t launch_err = cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, trace);
+  const cudaError_t launch_err =
+      cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, trace);
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
