@@ -109,22 +109,24 @@ int debug_knob(const char* name) {
 
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
-// power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could hold, such
-// that rows * splits stays within one block per SM, or within two per SM for tiles of at most
-// 16 KB. Measured on the H100 (NOTES.md): with 40 KB tiles (nsa27b B=16) 4 splits cost 25.6 us
-// against 20.9 for 2, and splitting rows that already fill the SMs costs 7% (d128 B=64); with
-// 16 KB tiles, where one block per SM cannot keep enough bytes in flight, 2 splits of m125 B=64
-// (2 blocks per SM) take 17.9 us against 19.7 unsplit.
+// power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could
+// hold, such that rows * splits stays within one block per SM. Rows of at most 16 KB tiles that
+// would stay unsplit get 2 splits when that fits two blocks per SM: one such block cannot keep
+// enough bytes in flight. Measured on the H100 (NOTES.md): 40 KB tiles (nsa27b B=16) take
+// 25.6 us with 4 splits against 20.9 with 2; splitting rows that already fill the SMs costs 7%
+// (d128 B=64); 16 KB tiles: m125 B=64 takes 18.2 us with 2 splits against 19.7 unsplit, but
+// m125 B=16 13.0 us with 8 splits against 10.9 with 4.
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes) {
   if (dev.cc_major < 9) return 1;
   static const int forced = debug_knob("NSA_SEL_DEBUG_SPLITS");
   if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return forced;
   const int64_t rows = p.b * p.g;
   const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n*s_kv < 2^31
-  const int64_t slots = static_cast<int64_t>(dev.sm_count) * (tile_bytes <= 16 * 1024 ? 2 : 1);
+  const int64_t sms = dev.sm_count;
   int splits = 1;
-  while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= slots)
+  while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= sms)
     splits *= 2;
+  if (splits == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows * 2 <= 2 * sms) splits = 2;
   return splits;
 }
 
