@@ -176,9 +176,11 @@ TEST_P(ParityGrid, MatchesCpuReference) {
   REQUIRE_GPU();
   const auto [dtype, dims, h] = GetParam();
   uint64_t seed = 1;
-  // Small batch (cluster splits), medium, and many rows (one block per row).
+  // On a 132-SM H100: one row (8 splits), 6 rows (4 splits, capped by the tiles a row can
+  // hold), 40 rows (2 splits), 800 rows (one block per row; 3 pipeline stages for 16 KB tiles).
   for (const auto& shape : {std::make_tuple<int64_t, int64_t, int64_t, int64_t>(1, 1, 1999, 37),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(2, 3, 65, 3),
+                            std::make_tuple<int64_t, int64_t, int64_t, int64_t>(20, 2, 300, 5),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(200, 4, 100, 2)}) {
     Case c;
     c.dtype = dtype;
