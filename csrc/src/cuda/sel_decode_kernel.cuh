@@ -9,9 +9,11 @@
 // prefix sums, so the selected tokens form one virtual sequence of length total. Tiles of 64
 // positions of that sequence stream through a cp.async pipeline (zero-filled past the end: a row
 // that is not selected is never read); tensor cores compute S = Q K^T and O += P V with fp32
-// accumulation and an online softmax in exp2 form. Warps of one m-tile then merge their states in
-// shared memory, and the blocks of a cluster merge theirs through distributed shared memory in
-// split order, so the result is deterministic.
+// accumulation and an online softmax in exp2 form. The warps' states are then merged in shared
+// memory; split blocks push their merged state, a 1/splits share of the output columns to each
+// block of the cluster (distributed shared memory), and each block combines its share in split
+// order, so the result is deterministic. The number of pipeline stages is a launch parameter
+// (shared memory is sized for it), so that blocks of small tiles can fit 4 to an SM.
 #pragma once
 
 #include <cuda_bf16.h>
