@@ -126,7 +126,7 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes) {
   int splits = 1;
   while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= sms)
     splits *= 2;
-  if (splits == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows * 2 <= 2 * sms) splits = 2;
+  if (splits == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows <= sms) splits = 2;
   return splits;
 }
 
