@@ -3,8 +3,9 @@
     python3 bench/profile_kernel.py --case nsa27b --batch 1 [--sets 64] [--calls 32]
 
 Prints the graph time per call for the same inputs (warm L2) and for `--sets` rotated input sets
-(K/V copies, cold L2). Use with NSA_SEL_DEBUG_SPLITS=k to force the split count, and under ncu
-(`--ncu` runs a handful of eager calls only). bench_sel_cuda.py is the benchmark of record.
+(K/V copies, cold L2). Use with NSA_SEL_DEBUG_SPLITS / _STAGES / _TEAMS=k to force the plan, and
+under ncu (`--ncu` runs a handful of eager calls only). bench_sel_cuda.py is the benchmark of
+record.
 
 `--trace` needs a tuning build of the library (cmake -DNSA_SEL_TRACE=ON, named by NSA_SEL_LIB):
 the kernel then stamps each block's phases with %globaltimer, and this prints, per phase, the
@@ -194,9 +195,12 @@ def main():
     full_bytes = a.batch * G * s_kv * (dk + dv) * 2
     sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
     cold = graph_us([make_inputs(a.case, a.batch, gen) for _ in range(sets)], a.calls)
-    tag = os.environ.get("NSA_SEL_DEBUG_SPLITS", "auto")
+    knob = {
+        k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0") for k in ("splits", "stages", "teams")
+    }
+    tag = " ".join(f"{k}={'auto' if v in ('', '0') else v}" for k, v in knob.items())
     print(
-        f"{a.case} B={a.batch} splits={tag}: warm {warm:.2f} us  cold({sets} sets) {cold:.2f} us"
+        f"{a.case} B={a.batch} {tag}: warm {warm:.2f} us  cold({sets} sets) {cold:.2f} us"
         f"  selected {sel_bytes / 1e6:.1f} MB -> {sel_bytes / cold / 1e3:.0f} GB/s cold; {host}"
     )
 

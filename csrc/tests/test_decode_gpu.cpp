@@ -176,11 +176,14 @@ TEST_P(ParityGrid, MatchesCpuReference) {
   REQUIRE_GPU();
   const auto [dtype, dims, h] = GetParam();
   uint64_t seed = 1;
-  // On a 132-SM H100: one row (8 splits), 6 rows (4 splits, capped by the tiles a row can
-  // hold), 40 rows (2 splits), 800 rows (one block per row; 3 pipeline stages for 16 KB tiles).
+  // On a 132-SM H100: one row (8 splits, 2 warp teams where h <= 16), 6 rows (4 splits, capped
+  // by the tiles a row can hold; 1 team: too few tiles), 40 rows (2 splits, 2 teams), 100 rows
+  // (16 KB tiles: 2 splits, 1 team; larger tiles: unsplit, 2 teams), 800 rows (one block per
+  // row, 1 team; 3 pipeline stages for 16 KB tiles).
   for (const auto& shape : {std::make_tuple<int64_t, int64_t, int64_t, int64_t>(1, 1, 1999, 37),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(2, 3, 65, 3),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(20, 2, 300, 5),
+                            std::make_tuple<int64_t, int64_t, int64_t, int64_t>(100, 1, 700, 9),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(200, 4, 100, 2)}) {
     Case c;
     c.dtype = dtype;
@@ -319,13 +322,16 @@ TEST(Decode, UnsupportedConfigurationsAreReported) {
   EXPECT_EQ(nsa_sel_decode_cuda(&p, 0, nullptr), NSA_SEL_ERR_UNSUPPORTED);
 }
 
-// Small grid for compute-sanitizer (memcheck, racecheck, initcheck): both the one-block-per-row
-// path and the cluster split path, odd sizes, NaN-free random data.
+// Small grid for compute-sanitizer (memcheck, racecheck, initcheck): the one-block-per-row path,
+// the cluster split path, with 1 and 2 warp teams, odd sizes, NaN-free random data.
 TEST(Sanitizer, SmallGrid) {
   REQUIRE_GPU();
-  for (int64_t b : {1, 5, 400}) {  // 400 * 2 rows fill the GPU: no split
+  // (b, d): 1 and 5 split with 2 teams; 50 * 2 rows of 32 KB tiles: unsplit, 2 teams; 400 * 2
+  // rows fill the GPU: no split, 1 team.
+  for (const auto& [b, d] : {std::pair<int64_t, int64_t>{1, 64}, {5, 64}, {50, 128}, {400, 64}}) {
     Case c;
     c.b = b;
+    c.d_k = c.d_v = d;
     c.g = 2;
     c.h = 6;
     c.s_kv = 333;

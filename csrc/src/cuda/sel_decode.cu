@@ -144,6 +144,19 @@ int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int ti
   return max_stages;
 }
 
+// Warp teams per block: 2 where every block has an SM to itself (blocks <= SMs) and at least 2
+// tiles, so that the block's tiles stream and compute two at a time; 1 otherwise, where several
+// blocks share an SM and stay out of phase on their own (a block barrier over 8 warps measured
+// worse there, NOTES.md v2-v4).
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams) {
+  static const int forced = debug_knob("NSA_SEL_DEBUG_TEAMS");
+  if (forced >= 1) return std::min(forced, max_teams);
+  const int64_t blocks = p.b * p.g * splits;
+  const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);
+  if (max_teams >= 2 && blocks <= dev.sm_count && max_tiles >= 2 * splits) return 2;
+  return 1;
+}
+
 }  // namespace nsa_sel
 
 extern "C" NsaSelStatus nsa_sel_decode_cuda(const NsaSelParams* p, int32_t device, void* stream) {

@@ -38,8 +38,15 @@ constexpr int kMaxSplits = 8;
 template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {
   static constexpr int kTile = 64;                  // tokens per pipeline stage
-  static constexpr int kWarps = MT == 1 ? 4 : 8;    // 128 or 256 threads
+  static constexpr int kWarps = MT == 1 ? 4 : 8;    // warps of one team: 128 or 256 threads
   static constexpr int kThreads = kWarps * 32;
+  // A block holds 1 or kMaxTeams teams (a launch parameter). Each team has its own copy of Q, its
+  // own pipeline stages and token buffers, and takes every teams-th tile of the block's share, so
+  // two teams stream and compute two tiles at once with no block barrier between them (named
+  // barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM spends
+  // most of each tile in dependent latency.
+  static constexpr int kMaxTeams = MT == 1 ? 2 : 1;  // team_sync has barrier ids for 2
+  static constexpr int kMaxThreads = kThreads * kMaxTeams;
   static constexpr int kSlices = kWarps / MT;       // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
@@ -65,29 +72,32 @@ struct DecodeTraits {
   static_assert(kThreads % 64 == 0 && kTile % (kThreads / 8) == 0,
                 "the load mapping needs rows per pass (threads / 8) to be a multiple of 8");
 
-  // Shared memory layout (bytes), all offsets multiples of 16.
+  // Shared memory layout (bytes), all offsets multiples of 16; per-team areas are indexed by team.
   static constexpr int kQBytes = kHeads * DK * 2;
   static constexpr int kKStageBytes = kTile * DK * 2;  // a stage: K rows, then V rows
   // After the main loop the K/V stages are reused for the merges.
   static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
-  static constexpr int kMergeBytes = kSlices * kStateBytes;
-  static constexpr int kOffQ = 0;
-  static constexpr int kOffKV = kOffQ + kQBytes;
+  static constexpr int kMergeBytes = kSlices * kStateBytes;  // per team
+  static constexpr int kOffQ = 0;                             // Q [teams]
+  __host__ __device__ static constexpr int off_kv(int teams) { return kOffQ + teams * kQBytes; }
   // Split blocks only: the combine's receive area, written by the peers of the cluster at any
   // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
   // then (m, l) [splits][kHeads][2], fp32.
   static constexpr int kRecvBytes = kHeads * DV * 4 + kMaxSplits * kHeads * 2 * 4;
-  __host__ __device__ static constexpr int off_tok(int stages) {
-    return kOffKV + (stages * kTileBytes > kMergeBytes ? stages * kTileBytes : kMergeBytes);
+  // K/V stages [teams][stages], later the merge states [teams][kSlices].
+  __host__ __device__ static constexpr int off_tok(int stages, int teams) {
+    return off_kv(teams) + teams * (stages * kTileBytes > kMergeBytes ? stages * kTileBytes
+                                                                      : kMergeBytes);
   }
-  __host__ __device__ static constexpr int off_recv(int stages) {
-    return off_tok(stages) + kTokBufs * kTile * 4;
+  __host__ __device__ static constexpr int off_recv(int stages, int teams) {
+    return off_tok(stages, teams) + teams * kTokBufs * kTile * 4;
   }
-  __host__ __device__ static constexpr int off_ranges(int stages, int splits) {
-    return off_recv(stages) + (splits > 1 ? kRecvBytes : 0);
+  __host__ __device__ static constexpr int off_ranges(int stages, int splits, int teams) {
+    return off_recv(stages, teams) + (splits > 1 ? kRecvBytes : 0);
   }
-  __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits) {
-    return off_ranges(stages, splits) + static_cast<int>(n) * 8 + 16;
+  __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits,
+                                                      int teams) {
+    return off_ranges(stages, splits, teams) + static_cast<int>(n) * 8 + 16;
   }
 };
 
@@ -120,6 +130,15 @@ __device__ __forceinline__ void cp_async_wait_rt(int n) {
     case 4: cp_async_wait<4>(); break;
     default: cp_async_wait<5>(); break;
   }
+}
+
+// Barrier of one team's `threads` threads: named barrier 1 + team (0 is __syncthreads). The ids
+// are immediates so that the kernel reserves 3 hardware barriers, not all 16.
+__device__ __forceinline__ void team_sync(int team, int threads) {
+  if (team == 0)
+    asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+  else
+    asm volatile("bar.sync 2, %0;\n" ::"r"(threads) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -224,15 +243,22 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int DK, int DV, int MT>
-__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
+__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
-                      const int stages, unsigned long long* trace) {
+                      const int stages, const int teams, unsigned long long* trace) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* q_s = smem + Tr::kOffQ;
-  unsigned char* kv_s = smem + Tr::kOffKV;
-  int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::off_tok(stages));  // [kTokBufs][64]
-  int32_t* excl_s = reinterpret_cast<int32_t*>(smem + Tr::off_ranges(stages, splits));  // [n]
+  const int tid = threadIdx.x;
+  const int nthreads = Tr::kThreads * teams;  // == blockDim.x
+  const int team = tid / Tr::kThreads;
+  const int ttid = tid % Tr::kThreads;  // thread within the team
+  unsigned char* q_s = smem + Tr::kOffQ + team * Tr::kQBytes;
+  unsigned char* kv_s = smem + Tr::off_kv(teams);
+  unsigned char* kv_team = kv_s + team * stages * Tr::kTileBytes;  // this team's stages
+  int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::off_tok(stages, teams)) +
+                   team * Tr::kTokBufs * Tr::kTile;  // this team's [kTokBufs][64]
+  int32_t* excl_s =
+      reinterpret_cast<int32_t*>(smem + Tr::off_ranges(stages, splits, teams));  // [n]
   int32_t* key_s = excl_s + p.n;                                            // [n]
   int32_t* total_s = key_s + p.n;                                           // [1]
 
@@ -240,11 +266,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
       trace != nullptr && blockIdx.x < kTraceMaxBlocks ? trace + blockIdx.x * kTraceWords : nullptr;
   (void)trace_rec;
   NSA_SEL_TRACE_MARK(0);
-  const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int mt = warp % MT;     // this warp's m-tile of 16 heads
-  const int slice = warp / MT;  // this warp's token slice of each tile
+  const int twarp = ttid >> 5;   // warp within the team
+  const int mt = twarp % MT;     // this warp's m-tile of 16 heads
+  const int slice = twarp / MT;  // this warp's token slice of each tile
 
   const int64_t row = blockIdx.x / splits;
   const int split = static_cast<int>(blockIdx.x % splits);
@@ -266,7 +292,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     if (tid < n_pf) prefetch_l2(r_base + (r_row + tid * p.r_stride_n) * es);
     constexpr int kLines = (DK * 2 + 127) / 128;  // 128-byte lines per Q row
     const int q_lines = static_cast<int>(p.h) * kLines;
-    for (int c = tid; c < q_lines; c += Tr::kThreads)
+    for (int c = tid; c < q_lines; c += nthreads)
       prefetch_l2(q_row + (c / kLines) * p.q_stride_h + (c % kLines) * 64);
   }
   // Programmatic dependent launch: let the next kernel in the stream start launching now, and
@@ -323,8 +349,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
     if (lane == 0) *total_s = carry;
   }
 
-  // Q of all (padded) heads; heads >= h are zero-filled and never stored.
-  for (int c = tid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
+  // Q of all (padded) heads, one copy per team; heads >= h are zero-filled and never stored.
+  for (int c = ttid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
     const int hh = c / (DK / 8), ch = c % (DK / 8);
     const bool valid = hh < p.h;
     const T* src = valid ? q_row + hh * p.q_stride_h + ch * 8 : q_row;
@@ -340,12 +366,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   const int tile_begin = static_cast<int>(static_cast<int64_t>(n_tiles) * split / splits);
   const int tile_end = static_cast<int>(static_cast<int64_t>(n_tiles) * (split + 1) / splits);
   const int my_tiles = tile_end - tile_begin;
+  // This team's tiles: tile_begin + team + it * teams for it < team_tiles.
+  const int team_tiles = my_tiles > team ? (my_tiles - team + teams - 1) / teams : 0;
   const int n_ranges = static_cast<int>(p.n);
 
-  // Token index of each position of tile `it` (relative to tile_begin), -1 past the end.
+  // Token index of each position of the team's tile `it`, -1 past the end.
   auto fill_tok = [&](int it) {
-    if (tid < Tr::kTile) {
-      const int pos = (tile_begin + it) * Tr::kTile + tid;
+    if (ttid < Tr::kTile) {
+      const int pos = (tile_begin + team + it * teams) * Tr::kTile + ttid;
       int tok = -1;
       if (pos < total) {
         int lo = 0, hi = n_ranges;  // upper_bound(excl, pos) - 1: the last range starting <= pos
@@ -355,26 +383,26 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
         }
         tok = key_s[lo - 1] + pos;
       }
-      tok_s[(it % Tr::kTokBufs) * Tr::kTile + tid] = tok;
+      tok_s[(it % Tr::kTokBufs) * Tr::kTile + ttid] = tok;
     }
   };
   // Thread t copies 16-byte column (t % 8) + 8j of rows t / 8 + k * kRowsPerPass: the swizzled
   // column (t % 8) ^ (row & 7) is the same for all of a thread's rows, each row costs one token
   // lookup and one 64-bit multiply, and a warp reads 4 rows x 128 contiguous bytes per copy.
   constexpr int kRowsPerPass = Tr::kThreads / 8;
-  const int ld_row = tid >> 3;
-  const int ld_col = ((tid & 7) ^ (ld_row & 7)) * 16;  // bytes; kRowsPerPass is a multiple of 8
+  const int ld_row = ttid >> 3;
+  const int ld_col = ((ttid & 7) ^ (ld_row & 7)) * 16;  // bytes; kRowsPerPass is a multiple of 8
   auto issue_loads = [&](int it, int stage) {
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
-    unsigned char* k_st = kv_s + stage * Tr::kTileBytes;
+    unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
     unsigned char* v_st = k_st + Tr::kKStageBytes;
 #pragma unroll
     for (int pass = 0; pass < Tr::kTile / kRowsPerPass; ++pass) {
       const int r = ld_row + pass * kRowsPerPass;
       const int t = tok[r];
       const bool valid = t >= 0;
-      const T* k_src = k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (tid & 7) * 8;
-      const T* v_src = v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (tid & 7) * 8;
+      const T* k_src = k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (ttid & 7) * 8;
+      const T* v_src = v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
       unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
       unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
 #pragma unroll
@@ -392,12 +420,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
 
-  // Prologue: tiles 0 .. stages-2 in flight, tile i in stage i.
+  // Prologue: the team's tiles 0 .. stages-2 in flight, tile i in stage i.
   for (int it = 0; it < stages - 1; ++it)
-    if (it < my_tiles) fill_tok(it);
-  __syncthreads();
+    if (it < team_tiles) fill_tok(it);
+  team_sync(team, Tr::kThreads);
   for (int it = 0; it < stages - 1; ++it) {
-    if (it < my_tiles) issue_loads(it, it);
+    if (it < team_tiles) issue_loads(it, it);
     cp_async_commit();
   }
   int st_use = 0;            // stage of tile it
@@ -407,20 +435,20 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   const int lm = lane >> 3;         // which of the 4 matrices this lane addresses
   const int tok0 = slice * Tr::kTokPerWarp;
 
-  for (int it = 0; it < my_tiles; ++it) {
+  for (int it = 0; it < team_tiles; ++it) {
     // Token indices for tile it + stages - 1 go to a buffer nobody reads now (kTokBufs =
-    // kStages + 1 > stages); the barrier then also guarantees every warp finished computing
-    // tile it - 1, whose K/V stage (st_fill) is refilled.
+    // kStages + 1 > stages); the barrier then also guarantees every warp of the team finished
+    // computing tile it - 1, whose K/V stage (st_fill) is refilled.
     const int nxt = it + stages - 1;
-    if (nxt < my_tiles) fill_tok(nxt);
-    __syncthreads();
-    if (nxt < my_tiles) issue_loads(nxt, st_fill);
+    if (nxt < team_tiles) fill_tok(nxt);
+    team_sync(team, Tr::kThreads);
+    if (nxt < team_tiles) issue_loads(nxt, st_fill);
     cp_async_commit();
     cp_async_wait_rt(stages - 1);
-    __syncthreads();
+    team_sync(team, Tr::kThreads);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
 
-    const unsigned char* k_st = kv_s + st_use * Tr::kTileBytes;
+    const unsigned char* k_st = kv_team + st_use * Tr::kTileBytes;
     const unsigned char* v_st = k_st + Tr::kKStageBytes;
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
     st_use = st_use + 1 == stages ? 0 : st_use + 1;
@@ -521,17 +549,21 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   }
   __syncthreads();  // K/V stages are free: reuse them for the merges
 
-  // State set `slice` of the merge area: O [kHeads][kOStride], then m [kHeads], then l [kHeads].
+  // State set `team * kSlices + slice` of the merge area: O [kHeads][kOStride], then m [kHeads],
+  // then l [kHeads].
   float* merge_s = reinterpret_cast<float*>(kv_s);
+  const int n_sets = teams * Tr::kSlices;
+  constexpr int kMaxSets = Tr::kMaxTeams * Tr::kSlices;
   auto state_o = [&](int set) { return merge_s + set * (Tr::kStateBytes / 4); };
   auto state_m = [&](int set) { return state_o(set) + Tr::kHeads * Tr::kOStride; };
   auto state_l = [&](int set) { return state_m(set) + Tr::kHeads; };
   const int r0 = mt * 16 + (lane >> 2);  // this thread's first head row; the second is r0 + 8
 
   // Every warp publishes its (O, m, l); then the O rows are merged in parallel, each thread
-  // weighing the slices of its head itself, slice by slice in order (deterministic).
+  // weighing the sets of its head itself, set by set in order (deterministic).
   {
-    float* os = state_o(slice);
+    const int set = team * Tr::kSlices + slice;
+    float* os = state_o(set);
 #pragma unroll
     for (int i = 0; i < DV / 8; ++i) {
       const int col = i * 8 + (lane & 3) * 2;
@@ -540,31 +572,36 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
           make_float2(o[i][2], o[i][3]);
     }
     if ((lane & 3) == 0) {
-      state_m(slice)[r0] = m_run[0];
-      state_m(slice)[r0 + 8] = m_run[1];
-      state_l(slice)[r0] = l_run[0];
-      state_l(slice)[r0 + 8] = l_run[1];
+      state_m(set)[r0] = m_run[0];
+      state_m(set)[r0 + 8] = m_run[1];
+      state_l(set)[r0] = l_run[0];
+      state_l(set)[r0 + 8] = l_run[1];
     }
   }
   __syncthreads();
 
-  // Weights of the slices of head hr and the block's (m, l) of that head.
-  auto slice_weights = [&](int hr, float (&w)[Tr::kSlices], float& m_all, float& l_all) {
+  // Weights of the sets of head hr and the block's (m, l) of that head.
+  auto slice_weights = [&](int hr, float (&w)[kMaxSets], float& m_all, float& l_all) {
     m_all = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < Tr::kSlices; ++k) m_all = fmaxf(m_all, state_m(k)[hr]);
-    const float ref = m_all == -INFINITY ? 0.f : m_all;  // all slices empty: weights 0
+    for (int k = 0; k < kMaxSets; ++k)
+      if (k < n_sets) m_all = fmaxf(m_all, state_m(k)[hr]);
+    const float ref = m_all == -INFINITY ? 0.f : m_all;  // all sets empty: weights 0
     l_all = 0.f;
 #pragma unroll
-    for (int k = 0; k < Tr::kSlices; ++k) {
-      w[k] = fast_exp2(state_m(k)[hr] - ref);
-      l_all += w[k] * state_l(k)[hr];
+    for (int k = 0; k < kMaxSets; ++k) {
+      w[k] = 0.f;
+      if (k < n_sets) {
+        w[k] = fast_exp2(state_m(k)[hr] - ref);
+        l_all += w[k] * state_l(k)[hr];
+      }
     }
   };
-  auto merge_group = [&](int hr, int c4, const float (&w)[Tr::kSlices]) {
+  auto merge_group = [&](int hr, int c4, const float (&w)[kMaxSets]) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-    for (int k = 0; k < Tr::kSlices; ++k) {
+    for (int k = 0; k < kMaxSets; ++k) {
+      if (k >= n_sets) break;
       const float4 x = *reinterpret_cast<const float4*>(state_o(k) + hr * Tr::kOStride + c4);
       acc.x += w[k] * x.x;
       acc.y += w[k] * x.y;
@@ -583,15 +620,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   };
 
   if (splits == 1) {
-    for (int gi = tid; gi < n_groups; gi += Tr::kThreads) {
+    for (int gi = tid; gi < n_groups; gi += nthreads) {
       const int hr = gi / kGroups, c4 = (gi % kGroups) * 4;
-      float w[Tr::kSlices], m_all, l_all;
+      float w[kMaxSets], m_all, l_all;
       slice_weights(hr, w, m_all, l_all);
       // Empty selection: l_all == 0 and every O is 0, so weights 0 give exact zeros (never
       // 0/0). NaN in the selected data keeps propagating.
       const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
 #pragma unroll
-      for (int k = 0; k < Tr::kSlices; ++k) w[k] *= inv;
+      for (int k = 0; k < kMaxSets; ++k) w[k] *= inv;
       store4(hr, c4, merge_group(hr, c4, w));
     }
     NSA_SEL_TRACE_MARK(5);
@@ -608,14 +645,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   // (deterministic) and stores. Nobody reads a peer's memory, so no second barrier.
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  float* recv_o = reinterpret_cast<float*>(smem + Tr::off_recv(stages));  // [splits][kHeads][DV/splits]
+  float* recv_o = reinterpret_cast<float*>(smem + Tr::off_recv(stages, teams));  // [splits][kHeads][DV/splits]
   float* recv_ml = recv_o + Tr::kHeads * DV;                       // [splits][kHeads][2]
   const int share = kGroups / splits;  // column groups per owner (splits divides kGroups)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started
   NSA_SEL_TRACE_MARK(5);
-  for (int gi = tid; gi < n_groups; gi += Tr::kThreads) {
+  for (int gi = tid; gi < n_groups; gi += nthreads) {
     const int hr = gi / kGroups, cg4 = gi % kGroups;
-    float w[Tr::kSlices], m_all, l_all;
+    float w[kMaxSets], m_all, l_all;
     slice_weights(hr, w, m_all, l_all);
     const float4 acc = merge_group(hr, cg4 * 4, w);
     const int owner = cg4 / share, j = cg4 % share;
@@ -630,7 +667,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads)
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
   NSA_SEL_TRACE_MARK(7);
   const int my_groups = static_cast<int>(p.h) * share;
-  for (int gi = tid; gi < my_groups; gi += Tr::kThreads) {
+  for (int gi = tid; gi < my_groups; gi += nthreads) {
     const int hr = gi / share, j = gi % share;
     float m_k[kMaxSplits], l_k[kMaxSplits];
     float m_all = -INFINITY;

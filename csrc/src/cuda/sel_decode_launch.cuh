@@ -24,10 +24,11 @@ struct DeviceInfo {
 // Maps a CUDA error to the library's status (no device / sticky / other) with a message.
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
-// Splits per (b, g) row and pipeline stages per block (see sel_decode.cu).
+// Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes);
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
                 int max_stages);
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams);
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
@@ -41,8 +42,11 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   int splits = plan_splits(p, dev, Tr::kTileBytes);
   const int stages = plan_stages(p, dev, splits, Tr::kTileBytes, Tr::kStages);
   // The receive area of the split combine must fit too; otherwise one block per row.
-  if (splits > 1 && Tr::smem_bytes(p.n, stages, splits) > dev.max_smem_optin) splits = 1;
-  const int smem = Tr::smem_bytes(p.n, stages, splits);
+  if (splits > 1 && Tr::smem_bytes(p.n, stages, splits, 1) > dev.max_smem_optin) splits = 1;
+  // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
+  int teams = plan_teams(p, dev, splits, Tr::kMaxTeams);
+  if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) teams = 1;
+  const int smem = Tr::smem_bytes(p.n, stages, splits, teams);
   if (smem > dev.max_smem_optin)
     return fail(NSA_SEL_ERR_UNSUPPORTED,
                 "n: %lld ranges need %d bytes of shared memory, the device allows %d",
@@ -64,7 +68,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   const int64_t blocks = p.b * p.g * splits;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(Tr::kThreads);
+  cfg.blockDim = dim3(Tr::kThreads * teams);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
@@ -87,7 +91,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
   const cudaError_t launch_err =
-      cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, trace);
+      cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, teams, trace);
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
