@@ -110,13 +110,14 @@ int debug_knob(const char* name) {
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
 // power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could
-// hold, such that rows * splits stays within one block per SM. Rows of at most 16 KB tiles that
-// would stay unsplit get 2 splits when that fits two blocks per SM: one such block cannot keep
-// enough bytes in flight. Measured on the H100 (NOTES.md): 40 KB tiles (nsa27b B=16) take
-// 25.6 us with 4 splits against 20.9 with 2; splitting rows that already fill the SMs costs 7%
-// (d128 B=64); 16 KB tiles: m125 B=64 takes 18.2 us with 2 splits against 19.7 unsplit, but
-// m125 B=16 13.0 us with 8 splits against 10.9 with 4.
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes) {
+// hold, such that rows * splits stays within one block per SM. Where a block cannot hold two
+// warp teams (h > 16), rows of at most 16 KB tiles that would stay unsplit get 2 splits when that
+// fits two blocks per SM: one such block cannot keep enough bytes in flight (with h <= 16 two
+// teams do that job without a combine). Measured on the H100 (NOTES.md): 40 KB tiles (nsa27b
+// B=16) take 25.6 us with 4 splits against 20.9 with 2; splitting rows that already fill the SMs
+// costs 7% (d128 B=64); 16 KB tiles: m125 B=64 takes 18.2 us with 2 splits against 19.7
+// unsplit (17.6 unsplit with 2 teams), but m125 B=16 13.0 us with 8 splits against 10.9 with 4.
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams) {
   if (dev.cc_major < 9) return 1;
   static const int forced = debug_knob("NSA_SEL_DEBUG_SPLITS");
   if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return forced;
@@ -126,7 +127,8 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes) {
   int splits = 1;
   while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= sms)
     splits *= 2;
-  if (splits == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows <= sms) splits = 2;
+  if (splits == 1 && max_teams == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows <= sms)
+    splits = 2;
   return splits;
 }
 
@@ -144,16 +146,21 @@ int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int ti
   return max_stages;
 }
 
-// Warp teams per block: 2 where every block has an SM to itself (blocks <= SMs) and at least 2
-// tiles, so that the block's tiles stream and compute two at a time; 1 otherwise, where several
-// blocks share an SM and stay out of phase on their own (a block barrier over 8 warps measured
-// worse there, NOTES.md v2-v4).
+// Warp teams per block: 2 where every block has an SM to itself (blocks <= SMs) and each team can
+// expect 2 tiles or more, so that it overlaps its own loads and math; 1 otherwise. The expected
+// tiles per block come from the NSA selection of n blocks of 64 tokens (n / splits); like every
+// planning choice it depends on shapes only and never on correctness. Measured on the H100
+// (NOTES.md v8): nsa27b B=16 20.8 us with 2 teams against 22.1 with 1, d128 B=16 17.8-18.4
+// against 19.9; but with one tile per team (B=1, 8 splits) the two tiles' loads land together
+// instead of one after the other: nsa27b B=1 7.7 against 7.3. Where several blocks share an SM,
+// they stay out of phase on their own (one 8-warp block per SM in lock-step measured worse,
+// NOTES.md v2-v4). The launcher also drops the second team when its clusters would not all fit
+// on the GPU at once (sel_decode_launch.cuh).
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_TEAMS");
   if (forced >= 1) return std::min(forced, max_teams);
   const int64_t blocks = p.b * p.g * splits;
-  const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);
-  if (max_teams >= 2 && blocks <= dev.sm_count && max_tiles >= 2 * splits) return 2;
+  if (max_teams >= 2 && blocks <= dev.sm_count && p.n >= 4 * splits) return 2;
   return 1;
 }
 

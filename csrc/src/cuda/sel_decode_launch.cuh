@@ -25,7 +25,7 @@ struct DeviceInfo {
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
 // Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes);
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
                 int max_stages);
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams);
@@ -33,20 +33,56 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
 
+// Whether `rows` clusters of `splits` blocks (`threads` threads, `smem` bytes of dynamic shared
+// memory each) can all be resident at once (cudaOccupancyMaxActiveClusters; the kernel's dynamic
+// shared-memory limit must already allow smem). Cached per kernel, device and split count for
+// the last smem size asked, so a steady shape costs one atomic load. A failed query answers no.
+template <typename Kernel>
+bool clusters_fit(Kernel kernel, int device, int splits, int smem, int threads, int64_t rows) {
+  static std::atomic<uint64_t> cache[kMaxDevices][4];  // (smem << 32 | clusters + 1), 0: empty
+  const int slot = splits == 2 ? 0 : splits == 4 ? 1 : splits == 8 ? 2 : 3;
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const uint64_t e = cache[device][slot].load(std::memory_order_relaxed);
+    if (e != 0 && static_cast<int>(e >> 32) == smem)
+      return rows <= static_cast<int64_t>(e & 0xffffffffu) - 1;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(splits));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = splits;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query is not an error of this call: plan without it
+    return false;
+  }
+  if (cached)
+    cache[device][slot].store(static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(clusters + 1),
+                              std::memory_order_relaxed);
+  return rows <= clusters;
+}
+
 template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
                     cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   auto kernel = sel_decode_kernel<T, DK, DV, MT>;
 
-  int splits = plan_splits(p, dev, Tr::kTileBytes);
+  int splits = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);
   const int stages = plan_stages(p, dev, splits, Tr::kTileBytes, Tr::kStages);
   // The receive area of the split combine must fit too; otherwise one block per row.
   if (splits > 1 && Tr::smem_bytes(p.n, stages, splits, 1) > dev.max_smem_optin) splits = 1;
   // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
   int teams = plan_teams(p, dev, splits, Tr::kMaxTeams);
   if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) teams = 1;
-  const int smem = Tr::smem_bytes(p.n, stages, splits, teams);
+  int smem = Tr::smem_bytes(p.n, stages, splits, teams);
   if (smem > dev.max_smem_optin)
     return fail(NSA_SEL_ERR_UNSUPPORTED,
                 "n: %lld ranges need %d bytes of shared memory, the device allows %d",
@@ -62,10 +98,19 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
     if (err != cudaSuccess) return cuda_status(err, "cudaFuncSetAttribute");
     if (cached) smem_set[device].store(smem, std::memory_order_relaxed);
   }
+  const int64_t rows = p.b * p.g;
+  if (teams > 1 && splits > 1 &&
+      !clusters_fit(kernel, device, splits, smem, Tr::kThreads * teams, rows)) {
+    // Blocks of two teams take an SM each, and a cluster needs `splits` free SMs of one GPC:
+    // where the clusters would not all be resident at once, some would wait for a second wave
+    // (measured: m125 B=16, 4-block clusters, 13.7 us against 9.6), so keep one team.
+    teams = 1;
+    smem = Tr::smem_bytes(p.n, stages, splits, teams);
+  }
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
 
-  const int64_t blocks = p.b * p.g * splits;
+  const int64_t blocks = rows * splits;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
   cfg.blockDim = dim3(Tr::kThreads * teams);
