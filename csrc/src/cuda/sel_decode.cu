@@ -132,14 +132,17 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
   return splits;
 }
 
-// Pipeline stages per block: as many as fit about 96 KB of K/V tiles (2 blocks per SM), except
-// that blocks of at most 16 KB tiles that come in more than two waves of 2 per SM keep 48 KB
-// (4 blocks per SM), so that the latency a block spends before its first tile lands (ranges, then
-// K/V) overlaps the streaming of the others.
-int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
-                int max_stages) {
+// Pipeline stages per team: as many as fit about 96 KB of K/V tiles (2 one-team blocks per SM),
+// except that blocks of at most 16 KB tiles that come in more than two waves of 2 per SM keep
+// 48 KB (4 blocks per SM), so that the latency a block spends before its first tile lands (ranges,
+// then K/V) overlaps the streaming of the others; and two-team blocks (one per SM) keep about
+// 64 KB per team. Measured on the H100 (NOTES.md v8), 2 teams: d128 B=16 17.7 us with 2 stages
+// of 32 KB against 18.4 with 3; m125 B=64 17.6 with 6 stages of 16 KB against 18.7 with 3.
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
+                int tile_bytes, int max_stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
   if (forced >= 2) return std::min(forced, max_stages);
+  if (teams > 1) return std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);
   const int64_t blocks = p.b * p.g * splits;
   if (tile_bytes <= 16 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
     return std::min(std::max(48 * 1024 / tile_bytes, 2), max_stages);

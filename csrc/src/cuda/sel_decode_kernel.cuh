@@ -366,8 +366,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   const int tile_begin = static_cast<int>(static_cast<int64_t>(n_tiles) * split / splits);
   const int tile_end = static_cast<int>(static_cast<int64_t>(n_tiles) * (split + 1) / splits);
   const int my_tiles = tile_end - tile_begin;
-  // This team's tiles: tile_begin + team + it * teams for it < team_tiles.
+  // This team's tiles: tile_begin + team + it * teams for it < team_tiles. Every team runs
+  // `rounds` loop iterations (a team short of a tile only meets its barriers in the last one), so
+  // all threads pass the same sequence of barriers.
   const int team_tiles = my_tiles > team ? (my_tiles - team + teams - 1) / teams : 0;
+  const int rounds = (my_tiles + teams - 1) / teams;
   const int n_ranges = static_cast<int>(p.n);
 
   // Token index of each position of the team's tile `it`, -1 past the end.
@@ -435,7 +438,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   const int lm = lane >> 3;         // which of the 4 matrices this lane addresses
   const int tok0 = slice * Tr::kTokPerWarp;
 
-  for (int it = 0; it < team_tiles; ++it) {
+  for (int it = 0; it < rounds; ++it) {
     // Token indices for tile it + stages - 1 go to a buffer nobody reads now (kTokBufs =
     // kStages + 1 > stages); the barrier then also guarantees every warp of the team finished
     // computing tile it - 1, whose K/V stage (st_fill) is refilled.
@@ -447,6 +450,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
     cp_async_wait_rt(stages - 1);
     team_sync(team, Tr::kThreads);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
+    if (it >= team_tiles) continue;  // team-uniform; only in the last round
 
     const unsigned char* k_st = kv_team + st_use * Tr::kTileBytes;
     const unsigned char* v_st = k_st + Tr::kKStageBytes;

@@ -26,8 +26,8 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
 // Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
-int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
-                int max_stages);
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
+                int tile_bytes, int max_stages);
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams);
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
@@ -76,12 +76,15 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   auto kernel = sel_decode_kernel<T, DK, DV, MT>;
 
   int splits = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);
-  const int stages = plan_stages(p, dev, splits, Tr::kTileBytes, Tr::kStages);
-  // The receive area of the split combine must fit too; otherwise one block per row.
-  if (splits > 1 && Tr::smem_bytes(p.n, stages, splits, 1) > dev.max_smem_optin) splits = 1;
-  // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
   int teams = plan_teams(p, dev, splits, Tr::kMaxTeams);
-  if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) teams = 1;
+  int stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
+  // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
+  if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) {
+    teams = 1;
+    stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
+  }
+  // The receive area of the split combine must fit too; otherwise one block per row.
+  if (splits > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) splits = 1;
   int smem = Tr::smem_bytes(p.n, stages, splits, teams);
   if (smem > dev.max_smem_optin)
     return fail(NSA_SEL_ERR_UNSUPPORTED,
@@ -105,6 +108,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
     // where the clusters would not all be resident at once, some would wait for a second wave
     // (measured: m125 B=16, 4-block clusters, 13.7 us against 9.6), so keep one team.
     teams = 1;
+    stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
     smem = Tr::smem_bytes(p.n, stages, splits, teams);
   }
 
