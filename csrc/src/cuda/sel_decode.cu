@@ -133,38 +133,43 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
 }
 
 // Pipeline stages per team: as many as fit about 96 KB of K/V tiles (2 one-team blocks per SM),
-// except that blocks of at most 16 KB tiles that come in more than two waves of 2 per SM keep
-// 48 KB (4 blocks per SM), so that the latency a block spends before its first tile lands (ranges,
-// then K/V) overlaps the streaming of the others; and two-team blocks (one per SM) keep about
-// 64 KB per team. Measured on the H100 (NOTES.md v8), 2 teams: d128 B=16 17.7 us with 2 stages
-// of 32 KB against 18.4 with 3; m125 B=64 17.6 with 6 stages of 16 KB against 18.7 with 3.
+// except that blocks of at most 32 KB tiles that come in more than two waves of 2 per SM keep
+// 48 KB of 16 KB tiles (4 blocks per SM) or 64 KB of 32 KB tiles (3 per SM), so that the latency
+// a block spends before its first tile lands (ranges, then K/V) overlaps the streaming of the
+// others; and two-team blocks (one per SM) keep about 64 KB per team. Measured on the H100
+// (NOTES.md v7-v8): seed D=128 L=256 B=1024 52.6 us with 2 stages against 54.4 with 3 (L=512:
+// 97.5 either way); 2 teams: d128 B=16 17.7 us with 2 stages of 32 KB against 18.4 with 3,
+// m125 B=64 16.6 with 4 stages of 16 KB, 17.6 with 6, 18.7 with 3.
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
                 int tile_bytes, int max_stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
   if (forced >= 2) return std::min(forced, max_stages);
   if (teams > 1) return std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);
   const int64_t blocks = p.b * p.g * splits;
-  if (tile_bytes <= 16 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
-    return std::min(std::max(48 * 1024 / tile_bytes, 2), max_stages);
+  if (tile_bytes <= 32 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
+    return std::min(std::max((tile_bytes <= 16 * 1024 ? 48 : 64) * 1024 / tile_bytes, 2),
+                    max_stages);
   return max_stages;
 }
 
 // Warp teams per block: 2 where every block has an SM to itself (blocks <= SMs) and each team can
-// expect 2 tiles or more, so that it overlaps its own loads and math; 1 otherwise. The expected
-// tiles per block come from the NSA selection of n blocks of 64 tokens (n / splits); like every
-// planning choice it depends on shapes only and never on correctness. Measured on the H100
-// (NOTES.md v8): nsa27b B=16 20.8 us with 2 teams against 22.1 with 1, d128 B=16 17.8-18.4
-// against 19.9; but with one tile per team (B=1, 8 splits) the two tiles' loads land together
-// instead of one after the other: nsa27b B=1 7.7 against 7.3. Where several blocks share an SM,
-// they stay out of phase on their own (one 8-warp block per SM in lock-step measured worse,
-// NOTES.md v2-v4). The launcher also drops the second team when its clusters would not all fit
-// on the GPU at once (sel_decode_launch.cuh).
-int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams) {
+// expect 2 tiles or more, so that it overlaps its own loads and math (for 16 KB tiles, 1 tile or
+// more); 1 otherwise. The expected tiles per block come from the NSA selection of n blocks of 64
+// tokens (n / splits); like every planning choice it depends on shapes only, never on contents,
+// and never affects correctness. Measured on the H100 (NOTES.md v8): nsa27b B=16 20.8 us with 2
+// teams against 22.1 with 1, d128 B=16 17.8-18.4 against 19.9; with one tile per team (B=1, 8
+// splits) the two tiles' loads land together instead of one after the other: nsa27b B=1 7.7
+// against 7.3 (40 KB tiles), d128 B=1 7.0 either way (32 KB), m125 B=1 5.3 against 5.6 (16 KB).
+// Where several blocks share an SM, they stay out of phase on their own (one 8-warp block per SM
+// in lock-step measured worse, NOTES.md v2-v4). The launcher also drops the second team when its
+// clusters would not all fit on the GPU at once (sel_decode_launch.cuh).
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
+               int max_teams) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_TEAMS");
   if (forced >= 1) return std::min(forced, max_teams);
   const int64_t blocks = p.b * p.g * splits;
-  if (max_teams >= 2 && blocks <= dev.sm_count && p.n >= 4 * splits) return 2;
-  return 1;
+  if (max_teams < 2 || blocks > dev.sm_count) return 1;
+  return p.n >= 4 * splits || (tile_bytes <= 16 * 1024 && p.n >= 2 * splits) ? 2 : 1;
 }
 
 }  // namespace nsa_sel

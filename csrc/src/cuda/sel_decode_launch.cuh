@@ -28,7 +28,8 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what);
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
                 int tile_bytes, int max_stages);
-int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int max_teams);
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
+               int max_teams);
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
@@ -76,7 +77,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   auto kernel = sel_decode_kernel<T, DK, DV, MT>;
 
   int splits = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);
-  int teams = plan_teams(p, dev, splits, Tr::kMaxTeams);
+  int teams = plan_teams(p, dev, splits, Tr::kTileBytes, Tr::kMaxTeams);
   int stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
   // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
   if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) {
