@@ -40,13 +40,13 @@ struct DecodeTraits {
   static constexpr int kTile = 64;                  // tokens per pipeline stage
   static constexpr int kWarps = MT == 1 ? 4 : 8;    // warps of one team: 128 or 256 threads
   static constexpr int kThreads = kWarps * 32;
-  // A block holds 1 or kMaxTeams teams (a launch parameter). Each team has its own copy of Q, its
+  // A block holds 1 or kMaxTeams teams (a template parameter of the kernel, so that the one-team
+  // kernel carries no team arithmetic). Each team has its own copy of Q, its
   // own pipeline stages and token buffers, and takes every teams-th tile of the block's share, so
   // two teams stream and compute two tiles at once with no block barrier between them (named
   // barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM spends
   // most of each tile in dependent latency.
   static constexpr int kMaxTeams = MT == 1 ? 2 : 1;  // team_sync has barrier ids for 2
-  static constexpr int kMaxThreads = kThreads * kMaxTeams;
   static constexpr int kSlices = kWarps / MT;       // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
@@ -132,13 +132,18 @@ __device__ __forceinline__ void cp_async_wait_rt(int n) {
   }
 }
 
-// Barrier of one team's `threads` threads: named barrier 1 + team (0 is __syncthreads). The ids
-// are immediates so that the kernel reserves 3 hardware barriers, not all 16.
-__device__ __forceinline__ void team_sync(int team, int threads) {
-  if (team == 0)
-    asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
-  else
-    asm volatile("bar.sync 2, %0;\n" ::"r"(threads) : "memory");
+// Barrier of one team of `THREADS` threads: the block barrier when the block is one team, else
+// named barrier 1 + team (0 is __syncthreads). The ids are immediates so that the kernel reserves
+// 3 hardware barriers, not all 16.
+template <int TEAMS, int THREADS>
+__device__ __forceinline__ void team_sync(int team) {
+  if constexpr (TEAMS == 1) {
+    __syncthreads();
+  } else if (team == 0) {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+  } else {
+    asm volatile("bar.sync 2, %0;\n" ::"n"(THREADS) : "memory");
+  }
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -242,16 +247,18 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int DK, int DV, int MT>
-__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
+template <typename T, int DK, int DV, int MT, int TEAMS>
+__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
-                      const int stages, const int teams, unsigned long long* trace) {
+                      const int stages, unsigned long long* trace) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
+  static_assert(TEAMS >= 1 && TEAMS <= Tr::kMaxTeams, "unsupported team count");
+  constexpr int teams = TEAMS;
+  constexpr int nthreads = Tr::kThreads * TEAMS;  // == blockDim.x
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x;
-  const int nthreads = Tr::kThreads * teams;  // == blockDim.x
-  const int team = tid / Tr::kThreads;
-  const int ttid = tid % Tr::kThreads;  // thread within the team
+  const int team = TEAMS == 1 ? 0 : tid / Tr::kThreads;
+  const int ttid = TEAMS == 1 ? tid : tid % Tr::kThreads;  // thread within the team
   unsigned char* q_s = smem + Tr::kOffQ + team * Tr::kQBytes;
   unsigned char* kv_s = smem + Tr::off_kv(teams);
   unsigned char* kv_team = kv_s + team * stages * Tr::kTileBytes;  // this team's stages
@@ -369,8 +376,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   // This team's tiles: tile_begin + team + it * teams for it < team_tiles. Every team runs
   // `rounds` loop iterations (a team short of a tile only meets its barriers in the last one), so
   // all threads pass the same sequence of barriers.
-  const int team_tiles = my_tiles > team ? (my_tiles - team + teams - 1) / teams : 0;
-  const int rounds = (my_tiles + teams - 1) / teams;
+  const int team_tiles =
+      TEAMS == 1 ? my_tiles : (my_tiles > team ? (my_tiles - team + teams - 1) / teams : 0);
+  const int rounds = TEAMS == 1 ? my_tiles : (my_tiles + teams - 1) / teams;
   const int n_ranges = static_cast<int>(p.n);
 
   // Token index of each position of the team's tile `it`, -1 past the end.
@@ -426,7 +434,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   // Prologue: the team's tiles 0 .. stages-2 in flight, tile i in stage i.
   for (int it = 0; it < stages - 1; ++it)
     if (it < team_tiles) fill_tok(it);
-  team_sync(team, Tr::kThreads);
+  team_sync<TEAMS, Tr::kThreads>(team);
   for (int it = 0; it < stages - 1; ++it) {
     if (it < team_tiles) issue_loads(it, it);
     cp_async_commit();
@@ -444,13 +452,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
     // computing tile it - 1, whose K/V stage (st_fill) is refilled.
     const int nxt = it + stages - 1;
     if (nxt < team_tiles) fill_tok(nxt);
-    team_sync(team, Tr::kThreads);
+    team_sync<TEAMS, Tr::kThreads>(team);
     if (nxt < team_tiles) issue_loads(nxt, st_fill);
     cp_async_commit();
     cp_async_wait_rt(stages - 1);
-    team_sync(team, Tr::kThreads);
+    team_sync<TEAMS, Tr::kThreads>(team);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
-    if (it >= team_tiles) continue;  // team-uniform; only in the last round
+    if (TEAMS > 1 && it >= team_tiles) continue;  // team-uniform; only in the last round
 
     const unsigned char* k_st = kv_team + st_use * Tr::kTileBytes;
     const unsigned char* v_st = k_st + Tr::kKStageBytes;
@@ -556,8 +564,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   // State set `team * kSlices + slice` of the merge area: O [kHeads][kOStride], then m [kHeads],
   // then l [kHeads].
   float* merge_s = reinterpret_cast<float*>(kv_s);
-  const int n_sets = teams * Tr::kSlices;
-  constexpr int kMaxSets = Tr::kMaxTeams * Tr::kSlices;
+  constexpr int kSets = TEAMS * Tr::kSlices;
   auto state_o = [&](int set) { return merge_s + set * (Tr::kStateBytes / 4); };
   auto state_m = [&](int set) { return state_o(set) + Tr::kHeads * Tr::kOStride; };
   auto state_l = [&](int set) { return state_m(set) + Tr::kHeads; };
@@ -585,27 +592,22 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   __syncthreads();
 
   // Weights of the sets of head hr and the block's (m, l) of that head.
-  auto slice_weights = [&](int hr, float (&w)[kMaxSets], float& m_all, float& l_all) {
+  auto slice_weights = [&](int hr, float (&w)[kSets], float& m_all, float& l_all) {
     m_all = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < kMaxSets; ++k)
-      if (k < n_sets) m_all = fmaxf(m_all, state_m(k)[hr]);
+    for (int k = 0; k < kSets; ++k) m_all = fmaxf(m_all, state_m(k)[hr]);
     const float ref = m_all == -INFINITY ? 0.f : m_all;  // all sets empty: weights 0
     l_all = 0.f;
 #pragma unroll
-    for (int k = 0; k < kMaxSets; ++k) {
-      w[k] = 0.f;
-      if (k < n_sets) {
-        w[k] = fast_exp2(state_m(k)[hr] - ref);
-        l_all += w[k] * state_l(k)[hr];
-      }
+    for (int k = 0; k < kSets; ++k) {
+      w[k] = fast_exp2(state_m(k)[hr] - ref);
+      l_all += w[k] * state_l(k)[hr];
     }
   };
-  auto merge_group = [&](int hr, int c4, const float (&w)[kMaxSets]) {
+  auto merge_group = [&](int hr, int c4, const float (&w)[kSets]) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-    for (int k = 0; k < kMaxSets; ++k) {
-      if (k >= n_sets) break;
+    for (int k = 0; k < kSets; ++k) {
       const float4 x = *reinterpret_cast<const float4*>(state_o(k) + hr * Tr::kOStride + c4);
       acc.x += w[k] * x.x;
       acc.y += w[k] * x.y;
@@ -626,13 +628,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   if (splits == 1) {
     for (int gi = tid; gi < n_groups; gi += nthreads) {
       const int hr = gi / kGroups, c4 = (gi % kGroups) * 4;
-      float w[kMaxSets], m_all, l_all;
+      float w[kSets], m_all, l_all;
       slice_weights(hr, w, m_all, l_all);
       // Empty selection: l_all == 0 and every O is 0, so weights 0 give exact zeros (never
       // 0/0). NaN in the selected data keeps propagating.
       const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
 #pragma unroll
-      for (int k = 0; k < kMaxSets; ++k) w[k] *= inv;
+      for (int k = 0; k < kSets; ++k) w[k] *= inv;
       store4(hr, c4, merge_group(hr, c4, w));
     }
     NSA_SEL_TRACE_MARK(5);
@@ -656,7 +658,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kMaxThreads)
   NSA_SEL_TRACE_MARK(5);
   for (int gi = tid; gi < n_groups; gi += nthreads) {
     const int hr = gi / kGroups, cg4 = gi % kGroups;
-    float w[kMaxSets], m_all, l_all;
+    float w[kSets], m_all, l_all;
     slice_weights(hr, w, m_all, l_all);
     const float4 acc = merge_group(hr, cg4 * 4, w);
     const int owner = cg4 / share, j = cg4 % share;

@@ -34,13 +34,34 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int til
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
 
+// Per kernel and device: the dynamic shared-memory limit set so far, and the cluster occupancy
+// answers of clusters_fit ((smem << 32 | clusters + 1) per split count, 0: empty).
+struct KernelCache {
+  std::atomic<int> smem_set[kMaxDevices];
+  std::atomic<uint64_t> clusters[kMaxDevices][4];
+};
+
+// Raises the kernel's dynamic shared-memory limit to smem once per device and size (idempotent,
+// so a race between threads only repeats the call).
+template <typename Kernel>
+NsaSelStatus allow_smem(Kernel kernel, KernelCache& cache, int device, int smem) {
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && cache.smem_set[device].load(std::memory_order_relaxed) >= smem) return ok();
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return cuda_status(err, "cudaFuncSetAttribute");
+  if (cached) cache.smem_set[device].store(smem, std::memory_order_relaxed);
+  return ok();
+}
+
 // Whether `rows` clusters of `splits` blocks (`threads` threads, `smem` bytes of dynamic shared
 // memory each) can all be resident at once (cudaOccupancyMaxActiveClusters; the kernel's dynamic
 // shared-memory limit must already allow smem). Cached per kernel, device and split count for
 // the last smem size asked, so a steady shape costs one atomic load. A failed query answers no.
 template <typename Kernel>
-bool clusters_fit(Kernel kernel, int device, int splits, int smem, int threads, int64_t rows) {
-  static std::atomic<uint64_t> cache[kMaxDevices][4];  // (smem << 32 | clusters + 1), 0: empty
+bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int smem, int threads,
+                  int64_t rows) {
+  auto& cache = kc.clusters;
   const int slot = splits == 2 ? 0 : splits == 4 ? 1 : splits == 8 ? 2 : 3;
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached) {
@@ -74,7 +95,10 @@ template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
                     cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
-  auto kernel = sel_decode_kernel<T, DK, DV, MT>;
+  // The one-team kernel and, where a block can hold two teams, the two-team kernel.
+  auto kernel1 = sel_decode_kernel<T, DK, DV, MT, 1>;
+  auto kernel2 = sel_decode_kernel<T, DK, DV, MT, Tr::kMaxTeams>;
+  static KernelCache cache1, cache2;
 
   int splits = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);
   int teams = plan_teams(p, dev, splits, Tr::kTileBytes, Tr::kMaxTeams);
@@ -92,25 +116,23 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
                 "n: %lld ranges need %d bytes of shared memory, the device allows %d",
                 static_cast<long long>(p.n), smem, dev.max_smem_optin);
 
-  // Raise the dynamic shared-memory limit once per device and size (idempotent, so a race
-  // between threads only repeats the call).
-  static std::atomic<int> smem_set[kMaxDevices];
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (!cached || smem_set[device].load(std::memory_order_relaxed) < smem) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return cuda_status(err, "cudaFuncSetAttribute");
-    if (cached) smem_set[device].store(smem, std::memory_order_relaxed);
-  }
   const int64_t rows = p.b * p.g;
+  if (teams > 1) {
+    const NsaSelStatus st = allow_smem(kernel2, cache2, device, smem);
+    if (st != NSA_SEL_OK) return st;
+  }
   if (teams > 1 && splits > 1 &&
-      !clusters_fit(kernel, device, splits, smem, Tr::kThreads * teams, rows)) {
+      !clusters_fit(kernel2, cache2, device, splits, smem, Tr::kThreads * teams, rows)) {
     // Blocks of two teams take an SM each, and a cluster needs `splits` free SMs of one GPC:
     // where the clusters would not all be resident at once, some would wait for a second wave
     // (measured: m125 B=16, 4-block clusters, 13.7 us against 9.6), so keep one team.
     teams = 1;
     stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
     smem = Tr::smem_bytes(p.n, stages, splits, teams);
+  }
+  if (teams == 1) {
+    const NsaSelStatus st = allow_smem(kernel1, cache1, device, smem);
+    if (st != NSA_SEL_OK) return st;
   }
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
@@ -141,7 +163,8 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
   const cudaError_t launch_err =
-      cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, teams, trace);
+      teams > 1 ? cudaLaunchKernelEx(&cfg, kernel2, p, scale_log2, splits, stages, trace)
+                : cudaLaunchKernelEx(&cfg, kernel1, p, scale_log2, splits, stages, trace);
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
