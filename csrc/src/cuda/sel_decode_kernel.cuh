@@ -2,8 +2,11 @@
 //
 // Grid:  rows * splits blocks, rows = b * g; the `splits` blocks of one (b, g) row form one thread
 //        block cluster (sm_90) and each takes an equal share of the row's selected 64-token tiles.
-// Block: kWarps warps. Warp w owns m-tile (w % MT) of 16 query heads and token slice (w / MT) of
-//        each 64-token tile, so every selected K/V row is loaded once per block for all heads.
+// Block: TEAMS (1 or 2) teams of kWarps warps. Warp w of a team owns m-tile (w % MT) of 16 query
+//        heads and token slice (w / MT) of each 64-token tile, so every selected K/V row is loaded
+//        once per block for all heads; with 2 teams each takes every second tile of the block's
+//        share through its own pipeline (named barriers), so two tiles stream and compute at once
+//        where a block has an SM to itself.
 //
 // Data flow per block: the clamped ranges of the row go to shared memory with their exclusive
 // prefix sums, so the selected tokens form one virtual sequence of length total. Tiles of 64
