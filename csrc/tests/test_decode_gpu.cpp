@@ -11,6 +11,8 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../src/internal.hpp"  // half/bf16 conversions (exhaustively tested on the CPU)
@@ -176,12 +178,14 @@ TEST_P(ParityGrid, MatchesCpuReference) {
   REQUIRE_GPU();
   const auto [dtype, dims, h] = GetParam();
   uint64_t seed = 1;
-  // On a 132-SM H100: one row (8 splits, 2 warp teams where h <= 16), 6 rows (4 splits, capped
-  // by the tiles a row can hold; 1 team: too few tiles), 40 rows (2 splits, 2 teams), 100 rows
-  // (16 KB tiles: 2 splits, 1 team; larger tiles: unsplit, 2 teams), 800 rows (one block per
-  // row, 1 team; 3 pipeline stages for 16 KB tiles).
+  // On a 132-SM H100, where h <= 16: one row (8 splits, 2 warp teams), 6 rows (4 splits, capped
+  // by the tiles a row can hold; 1 team: too few tiles), 32 rows (2 splits and 2 teams instead of
+  // 4 splits), 40 rows (2 splits; 2 teams for 16 KB tiles), 100 rows (unsplit, 2 teams), 800 rows
+  // (one block per row, 1 team; 3 pipeline stages for 16 KB tiles). Where h > 16 (one team): 8,
+  // 4, 4, 2, 2 (16 KB tiles) or 1, and 1 splits.
   for (const auto& shape : {std::make_tuple<int64_t, int64_t, int64_t, int64_t>(1, 1, 1999, 37),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(2, 3, 65, 3),
+                            std::make_tuple<int64_t, int64_t, int64_t, int64_t>(16, 2, 600, 9),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(20, 2, 300, 5),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(100, 1, 700, 9),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(200, 4, 100, 2)}) {
@@ -326,16 +330,18 @@ TEST(Decode, UnsupportedConfigurationsAreReported) {
 // the cluster split path, with 1 and 2 warp teams, odd sizes, NaN-free random data.
 TEST(Sanitizer, SmallGrid) {
   REQUIRE_GPU();
-  // (b, d): 1 and 5 split with 2 teams; 50 * 2 rows of 32 KB tiles: unsplit, 2 teams; 400 * 2
-  // rows fill the GPU: no split, 1 team.
-  for (const auto& [b, d] : {std::pair<int64_t, int64_t>{1, 64}, {5, 64}, {50, 128}, {400, 64}}) {
+  // (b, d, n), 2 rows per b: 1 and 5 split with 1 team (n = 5 < 2 tiles per team); 16 with 9
+  // ranges: 2 splits and 2 teams (instead of 4 splits); 50 rows of 32 KB tiles: unsplit, 2 teams;
+  // 400: the rows fill the GPU, no split, 1 team.
+  for (const auto& [b, d, n] : {std::tuple<int64_t, int64_t, int64_t>{1, 64, 5}, {5, 64, 5},
+                                {16, 64, 9}, {50, 128, 5}, {400, 64, 5}}) {
     Case c;
     c.b = b;
     c.d_k = c.d_v = d;
     c.g = 2;
     c.h = 6;
     c.s_kv = 333;
-    c.n = 5;
+    c.n = n;
     c.kv_lens = true;
     Problem pr(c, 100 + b);
     pr.upload();

@@ -161,14 +161,25 @@ int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int te
 // splits) the two tiles' loads land together instead of one after the other: nsa27b B=1 7.7
 // against 7.3 (40 KB tiles), d128 B=1 7.0 either way (32 KB), m125 B=1 5.3 against 5.6 (16 KB).
 // Where several blocks share an SM, they stay out of phase on their own (one 8-warp block per SM
-// in lock-step measured worse, NOTES.md v2-v4). The launcher also drops the second team when its
-// clusters would not all fit on the GPU at once (sel_decode_launch.cuh).
-int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
+// in lock-step measured worse, NOTES.md v2-v4). Two teams also replace the last doubling of the
+// splits where the halved grid still spans a third of the SMs and each team still expects 2
+// tiles: nsa27b B=4 10.4 us (4 splits, 2 teams) against 10.6 (8 splits, 1 team), d128 B=4 9.3
+// against 9.8, m125 B=16 8.6 (2 splits) against 9.3 (4); but over 32 blocks or fewer, where each
+// SM's own intake limits the load, halving lost (m125 B=4 6.3 against 5.9, nsa27b B=1 7.6
+// against 6.8). `splits` is updated in place. The launcher drops the second team (and restores
+// the splits) when the clusters would not all fit on the GPU at once (sel_decode_launch.cuh).
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_TEAMS");
+  static const bool splits_forced = debug_knob("NSA_SEL_DEBUG_SPLITS") != 0;
   if (forced >= 1) return std::min(forced, max_teams);
-  const int64_t blocks = p.b * p.g * splits;
-  if (max_teams < 2 || blocks > dev.sm_count) return 1;
+  const int64_t rows = p.b * p.g;
+  if (max_teams < 2 || rows * splits > dev.sm_count) return 1;
+  if (!splits_forced && splits >= 2 && p.n >= 4 * (splits / 2) &&
+      3 * rows * (splits / 2) >= dev.sm_count) {
+    splits /= 2;
+    return 2;
+  }
   return p.n >= 4 * splits || (tile_bytes <= 16 * 1024 && p.n >= 2 * splits) ? 2 : 1;
 }
 

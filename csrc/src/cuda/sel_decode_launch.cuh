@@ -28,7 +28,7 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what);
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
                 int tile_bytes, int max_stages);
-int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int splits, int tile_bytes,
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams);
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
@@ -100,12 +100,14 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   auto kernel2 = sel_decode_kernel<T, DK, DV, MT, Tr::kMaxTeams>;
   static KernelCache cache1, cache2;
 
-  int splits = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);
+  const int splits1 = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);  // with one team
+  int splits = splits1;
   int teams = plan_teams(p, dev, splits, Tr::kTileBytes, Tr::kMaxTeams);
   int stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
   // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
   if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) {
     teams = 1;
+    splits = splits1;
     stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
   }
   // The receive area of the split combine must fit too; otherwise one block per row.
@@ -127,8 +129,17 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
     // where the clusters would not all be resident at once, some would wait for a second wave
     // (measured: m125 B=16, 4-block clusters, 13.7 us against 9.6), so keep one team.
     teams = 1;
+    splits = splits1;
     stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
     smem = Tr::smem_bytes(p.n, stages, splits, teams);
+    if (splits > 1 && smem > dev.max_smem_optin) {  // as above: the receive area must fit
+      splits = 1;
+      smem = Tr::smem_bytes(p.n, stages, splits, teams);
+    }
+    if (smem > dev.max_smem_optin)
+      return fail(NSA_SEL_ERR_UNSUPPORTED,
+                  "n: %lld ranges need %d bytes of shared memory, the device allows %d",
+                  static_cast<long long>(p.n), smem, dev.max_smem_optin);
   }
   if (teams == 1) {
     const NsaSelStatus st = allow_smem(kernel1, cache1, device, smem);
