@@ -49,18 +49,19 @@ def make_inputs(case, B, gen):
     return Q, K, V, r.contiguous()
 
 
-def graph_us(sets, calls):
+def graph_us(sets, calls, fn=None):
+    fn = fn or selection_attention_cuda
     outs = []
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for a in sets:
-            selection_attention_cuda(*a)
+            fn(*a)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(calls):
-            outs.append(selection_attention_cuda(*sets[i % len(sets)]))
+            outs.append(fn(*sets[i % len(sets)]))
     times = []
     for _ in range(25):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -140,6 +141,40 @@ def trace_report(sets, calls, blocks):
     )
 
 
+def gather_roof_fn():
+    """A Triton kernel that only reads what the op must read (each selected 64-token block's K and
+    V rows, contiguous per (b, g) in these inputs) and writes one float per block: the stream
+    bandwidth this access pattern allows, with no softmax, pipeline or combine around it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_sum(k_ptr, v_ptr, r_ptr, out_ptr, s_kv, n, DK: tl.constexpr, DV: tl.constexpr,
+                    CH: tl.constexpr):
+        pid = tl.program_id(0)  # (row, j)
+        row = pid // n
+        start = tl.load(r_ptr + pid * 2).to(tl.int64)
+        offs = tl.arange(0, CH)
+        acc = tl.zeros([CH], dtype=tl.float32)
+        kb = k_ptr + row.to(tl.int64) * s_kv * DK + start * DK
+        for c in tl.static_range(0, 64 * DK, CH):
+            acc += tl.load(kb + c + offs).to(tl.float32)
+        vb = v_ptr + row.to(tl.int64) * s_kv * DV + start * DV
+        for c in tl.static_range(0, 64 * DV, CH):
+            acc += tl.load(vb + c + offs).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc))
+
+    def fn(Q, K, V, r):
+        B, G, s_kv, dk = K.shape
+        n = r.shape[3]
+        out = torch.empty(B * G * n, device=K.device, dtype=torch.float32)
+        _gather_sum[(B * G * n,)](K, V, r, out, s_kv, n, DK=dk, DV=V.shape[3], CH=2048,
+                                  num_warps=4)
+        return out
+
+    return fn
+
+
 def eager_us(fn, n=200, reps=15):
     """Median wall us per call of `fn` (n back-to-back calls, then a sync)."""
     import time
@@ -166,6 +201,8 @@ def main():
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--ncu", action="store_true", help="a few eager calls only (for ncu)")
     ap.add_argument("--trace", action="store_true", help="phase breakdown (NSA_SEL_TRACE build)")
+    ap.add_argument("--roof", action="store_true",
+                    help="also time a read-only gather of the same selected bytes (Triton)")
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     G, h, dk, dv, s_kv, n = CASES[a.case]
@@ -195,15 +232,21 @@ def main():
     )
     full_bytes = a.batch * G * s_kv * (dk + dv) * 2
     sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
-    cold = graph_us([make_inputs(a.case, a.batch, gen) for _ in range(sets)], a.calls)
+    csets = [make_inputs(a.case, a.batch, gen) for _ in range(sets)]
+    cold = graph_us(csets, a.calls)
     knob = {
-        k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0") for k in ("splits", "stages", "teams")
+        k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0")
+        for k in ("splits", "stages", "teams")
     }
     tag = " ".join(f"{k}={'auto' if v in ('', '0') else v}" for k, v in knob.items())
     print(
         f"{a.case} B={a.batch} {tag}: warm {warm:.2f} us  cold({sets} sets) {cold:.2f} us"
         f"  selected {sel_bytes / 1e6:.1f} MB -> {sel_bytes / cold / 1e3:.0f} GB/s cold; {host}"
     )
+    if a.roof and n > 1:
+        g_us = graph_us(csets, a.calls, gather_roof_fn())
+        print(f"  gather roof (Triton read-only, same selection, cold): {g_us:.2f} us  "
+              f"-> {sel_bytes / g_us / 1e3:.0f} GB/s")
 
 
 if __name__ == "__main__":

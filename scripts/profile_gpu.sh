@@ -4,7 +4,8 @@
 # / _TEAMS; an empty or 0 field keeps the planner's choice), the kernel's graph time
 # (warm and L2-cold, bench/profile_kernel.py with build-gpu/libnsa_sel.so) and its phase trace
 # (a second build with -DNSA_SEL_TRACE=ON in build-trace). Run after gpu_check.sh has built
-# build-gpu (STEPS="configure build" is enough). NO_TRACE=1 skips the traces. Output: stdout.
+# build-gpu (STEPS="configure build" is enough). NO_TRACE=1 skips the traces; ROOF=1 also times a
+# read-only gather of the same selection (profile_kernel.py --roof). Output: stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -23,7 +24,8 @@ for c in $cases; do
          NSA_SEL_DEBUG_TEAMS="${teams:-0}")
   echo "--- $c"
   env "${knobs[@]}" NSA_SEL_LIB="$root/build-gpu/libnsa_sel.so" \
-    python3 bench/profile_kernel.py --case "$case_name" --batch "$batch" || echo "profile $c failed"
+    python3 bench/profile_kernel.py --case "$case_name" --batch "$batch" ${ROOF:+--roof} ||
+    echo "profile $c failed"
   [[ -n "${NO_TRACE:-}" ]] && continue
   env "${knobs[@]}" NSA_SEL_LIB="$root/build-trace/libnsa_sel.so" \
     python3 bench/profile_kernel.py --case "$case_name" --batch "$batch" --trace ||

@@ -149,7 +149,7 @@ int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int te
   if (tile_bytes <= 32 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
     return std::min(std::max((tile_bytes <= 16 * 1024 ? 48 : 64) * 1024 / tile_bytes, 2),
                     max_stages);
-  return max_stages;
+  return std::min(std::max(96 * 1024 / tile_bytes, 2), max_stages);
 }
 
 // Warp teams per block: 2 where every block has an SM to itself (blocks <= SMs) and each team can

@@ -54,14 +54,14 @@ struct DecodeTraits {
   static constexpr int kTokPerWarp = kTile / kSlices;
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
   // KB of loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
-  // kStages is the most stages; the launch picks the number (2..kStages, `stages_for`) and sizes
-  // shared memory for it.
+  // kStages is the most stages (up to about 200 KB of tiles, for a block alone on its SM); the
+  // launch picks the number (2..kStages, plan_stages) and sizes shared memory for it.
   static constexpr int kTileBytes = kTile * (DK + DV) * 2;
   __host__ __device__ static constexpr int stages_for(int budget_bytes) {
     return budget_bytes / kTileBytes < 2 ? 2 : budget_bytes / kTileBytes > 6 ? 6
                                                                            : budget_bytes / kTileBytes;
   }
-  static constexpr int kStages = stages_for(96 * 1024);
+  static constexpr int kStages = stages_for(200 * 1024);
   static constexpr int kTokBufs = kStages + 1;      // token-index buffers (see the main loop)
   static constexpr int kChunksK = DK * 2 / 16;      // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;

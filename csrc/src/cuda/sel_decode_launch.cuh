@@ -104,45 +104,46 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
   int splits = splits1;
   int teams = plan_teams(p, dev, splits, Tr::kTileBytes, Tr::kMaxTeams);
   int stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
-  // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
-  if (teams > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) {
+  auto smem_now = [&] { return Tr::smem_bytes(p.n, stages, splits, teams); };
+  auto one_team = [&] {
     teams = 1;
     splits = splits1;
     stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
-  }
-  // The receive area of the split combine must fit too; otherwise one block per row.
-  if (splits > 1 && Tr::smem_bytes(p.n, stages, splits, teams) > dev.max_smem_optin) splits = 1;
-  int smem = Tr::smem_bytes(p.n, stages, splits, teams);
-  if (smem > dev.max_smem_optin)
-    return fail(NSA_SEL_ERR_UNSUPPORTED,
-                "n: %lld ranges need %d bytes of shared memory, the device allows %d",
-                static_cast<long long>(p.n), smem, dev.max_smem_optin);
+  };
+  // Shrinks the plan into the device's shared memory: the receive area of the split
+  // combine must fit, else one block per row; then fewer stages (a deep or forced pipeline with
+  // many ranges), down to 2.
+  auto fit = [&]() -> NsaSelStatus {
+    if (splits > 1 && smem_now() > dev.max_smem_optin) splits = 1;
+    while (stages > 2 && smem_now() > dev.max_smem_optin) --stages;
+    if (smem_now() > dev.max_smem_optin)
+      return fail(NSA_SEL_ERR_UNSUPPORTED,
+                  "n: %lld ranges need %d bytes of shared memory, the device allows %d",
+                  static_cast<long long>(p.n), smem_now(), dev.max_smem_optin);
+    return ok();
+  };
+  // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
+  if (teams > 1 && smem_now() > dev.max_smem_optin) one_team();
+  NsaSelStatus st = fit();
+  if (st != NSA_SEL_OK) return st;
 
   const int64_t rows = p.b * p.g;
   if (teams > 1) {
-    const NsaSelStatus st = allow_smem(kernel2, cache2, device, smem);
+    st = allow_smem(kernel2, cache2, device, smem_now());
     if (st != NSA_SEL_OK) return st;
   }
   if (teams > 1 && splits > 1 &&
-      !clusters_fit(kernel2, cache2, device, splits, smem, Tr::kThreads * teams, rows)) {
+      !clusters_fit(kernel2, cache2, device, splits, smem_now(), Tr::kThreads * teams, rows)) {
     // Blocks of two teams take an SM each, and a cluster needs `splits` free SMs of one GPC:
     // where the clusters would not all be resident at once, some would wait for a second wave
     // (measured: m125 B=16, 4-block clusters, 13.7 us against 9.6), so keep one team.
-    teams = 1;
-    splits = splits1;
-    stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
-    smem = Tr::smem_bytes(p.n, stages, splits, teams);
-    if (splits > 1 && smem > dev.max_smem_optin) {  // as above: the receive area must fit
-      splits = 1;
-      smem = Tr::smem_bytes(p.n, stages, splits, teams);
-    }
-    if (smem > dev.max_smem_optin)
-      return fail(NSA_SEL_ERR_UNSUPPORTED,
-                  "n: %lld ranges need %d bytes of shared memory, the device allows %d",
-                  static_cast<long long>(p.n), smem, dev.max_smem_optin);
+    one_team();
+    st = fit();
+    if (st != NSA_SEL_OK) return st;
   }
+  const int smem = smem_now();
   if (teams == 1) {
-    const NsaSelStatus st = allow_smem(kernel1, cache1, device, smem);
+    st = allow_smem(kernel1, cache1, device, smem);
     if (st != NSA_SEL_OK) return st;
   }
 
