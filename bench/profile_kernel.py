@@ -141,19 +141,21 @@ def trace_report(sets, calls, blocks):
     )
 
 
-def gather_roof_fn():
-    """A Triton kernel that only reads what the op must read (each selected 64-token block's K and
-    V rows, contiguous per (b, g) in these inputs) and writes one float per block: the stream
-    bandwidth this access pattern allows, with no softmax, pipeline or combine around it."""
+def gather_roof_fn(tpr):
+    """A Triton kernel that only reads what the op must read (the K and V rows of each selected
+    64-token tile, contiguous per (b, g) in these inputs, whose ranges are whole 64-token blocks)
+    and writes one float per tile: the stream bandwidth this access pattern allows, with no
+    softmax, pipeline or combine around it. `tpr`: 64-token tiles per range (all ranges alike)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _gather_sum(k_ptr, v_ptr, r_ptr, out_ptr, s_kv, n, DK: tl.constexpr, DV: tl.constexpr,
-                    CH: tl.constexpr):
-        pid = tl.program_id(0)  # (row, j)
-        row = pid // n
-        start = tl.load(r_ptr + pid * 2).to(tl.int64)
+    def _gather_sum(k_ptr, v_ptr, r_ptr, out_ptr, s_kv, n, tpr, DK: tl.constexpr,
+                    DV: tl.constexpr, CH: tl.constexpr):
+        pid = tl.program_id(0)  # (row, range j, tile t of the range)
+        row = pid // (n * tpr)
+        j = (pid // tpr) % n
+        start = tl.load(r_ptr + (row * n + j) * 2).to(tl.int64) + (pid % tpr) * 64
         offs = tl.arange(0, CH)
         acc = tl.zeros([CH], dtype=tl.float32)
         kb = k_ptr + row.to(tl.int64) * s_kv * DK + start * DK
@@ -167,9 +169,9 @@ def gather_roof_fn():
     def fn(Q, K, V, r):
         B, G, s_kv, dk = K.shape
         n = r.shape[3]
-        out = torch.empty(B * G * n, device=K.device, dtype=torch.float32)
-        _gather_sum[(B * G * n,)](K, V, r, out, s_kv, n, DK=dk, DV=V.shape[3], CH=2048,
-                                  num_warps=4)
+        out = torch.empty(B * G * n * tpr, device=K.device, dtype=torch.float32)
+        _gather_sum[(B * G * n * tpr,)](K, V, r, out, s_kv, n, tpr, DK=dk, DV=V.shape[3],
+                                        CH=2048, num_warps=4)
         return out
 
     return fn
@@ -243,8 +245,8 @@ def main():
         f"{a.case} B={a.batch} {tag}: warm {warm:.2f} us  cold({sets} sets) {cold:.2f} us"
         f"  selected {sel_bytes / 1e6:.1f} MB -> {sel_bytes / cold / 1e3:.0f} GB/s cold; {host}"
     )
-    if a.roof and n > 1:
-        g_us = graph_us(csets, a.calls, gather_roof_fn())
+    if a.roof:
+        g_us = graph_us(csets, a.calls, gather_roof_fn(1 if n > 1 else s_kv // 64))
         print(f"  gather roof (Triton read-only, same selection, cold): {g_us:.2f} us  "
               f"-> {sel_bytes / g_us / 1e3:.0f} GB/s")
 

@@ -449,6 +449,20 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   const int lm = lane >> 3;         // which of the 4 matrices this lane addresses
   const int tok0 = slice * Tr::kTokPerWarp;
 
+  // The warp's Q fragments (16 heads x DK) are the same for every tile: in the two-team kernel
+  // (one block per SM, so registers to spare; at most 192 columns) they are loaded once instead
+  // of per tile, which takes a third of the shared memory reads out of each tile's QK^T.
+  // Measured (A/B on the H100, cold graph us, with the 4 QK chains below): nsa27b B=16 19.75
+  // against 19.98, d128 B=16 17.03 against 17.27; in the one-team kernel the same change cost
+  // nsa27b B=1 (6.90 against 6.70) and seed D=64 B=1024 (51.1 against 50.5), so it stays there
+  // as it was.
+  constexpr bool kQInRegs = TEAMS > 1 && MT == 1 && DK <= 192;
+  uint32_t q_frag[kQInRegs ? DK / 16 : 1][4];
+  auto load_q = [&](int kk, uint32_t (&a)[4]) {
+    ldmatrix_x4(a, smem_addr(q_s + swz(mt * 16 + lr + 8 * (lm & 1), 2 * kk + (lm >> 1),
+                                       Tr::kChunksK)));
+  };
+
   for (int it = 0; it < rounds; ++it) {
     // Token indices for tile it + stages - 1 go to a buffer nobody reads now (kTokBufs =
     // kStages + 1 > stages); the barrier then also guarantees every warp of the team finished
@@ -462,6 +476,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     team_sync<TEAMS, Tr::kThreads>(team);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
     if (TEAMS > 1 && it >= team_tiles) continue;  // team-uniform; only in the last round
+    if constexpr (kQInRegs) {
+      if (it == 0) {  // Q landed with the first tile (its copy group is the oldest)
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; ++kk) load_q(kk, q_frag[kk]);
+      }
+    }
 
     const unsigned char* k_st = kv_team + st_use * Tr::kTileBytes;
     const unsigned char* v_st = k_st + Tr::kKStageBytes;
@@ -469,51 +489,55 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     st_use = st_use + 1 == stages ? 0 : st_use + 1;
     st_fill = st_fill + 1 == stages ? 0 : st_fill + 1;
 
-    // S = Q K^T for 16 heads x kTokPerWarp tokens, in two accumulator sets (even and odd k
-    // steps) so the dependent mma chain is half as long: with one warp per scheduler at small
-    // batch, that chain is the tile's latency.
-    float s[kNB][4], s2[kNB][4];
+    // S = Q K^T for 16 heads x kTokPerWarp tokens, in kChains accumulator sets (k step kk goes
+    // to set kk % kChains) so the dependent mma chain is kChains times shorter: with one warp per
+    // scheduler at small batch, that chain is the tile's latency. 4 sets in the two-team kernel
+    // (see kQInRegs), 2 in the one-team kernel.
+    constexpr int kChains = (TEAMS > 1 && kNB <= 2 && DK / 16 >= 4) ? 4 : 2;
+    float s[kChains][kNB][4];
 #pragma unroll
-    for (int i = 0; i < kNB; ++i) {
-      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      s2[i][0] = s2[i][1] = s2[i][2] = s2[i][3] = 0.f;
-    }
+    for (int c = 0; c < kChains; ++c)
+#pragma unroll
+      for (int i = 0; i < kNB; ++i) s[c][i][0] = s[c][i][1] = s[c][i][2] = s[c][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, smem_addr(q_s + swz(mt * 16 + lr + 8 * (lm & 1), 2 * kk + (lm >> 1),
-                                         Tr::kChunksK)));
+      uint32_t a_smem[4];
+      if constexpr (!kQInRegs) load_q(kk, a_smem);
+      const uint32_t(&a)[4] = kQInRegs ? q_frag[kQInRegs ? kk : 0] : a_smem;
 #pragma unroll
       for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
         uint32_t kb[4];
         ldmatrix_x4(kb, smem_addr(k_st + swz(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
                                              2 * kk + (lm & 1), Tr::kChunksK)));
-        float(&acc)[kNB][4] = (kk & 1) ? s2 : s;
+        float(&acc)[kNB][4] = s[kk % kChains];
         mma16816<T>(acc[2 * nb2], a, kb[0], kb[1]);
         mma16816<T>(acc[2 * nb2 + 1], a, kb[2], kb[3]);
       }
     }
 #pragma unroll
-    for (int i = 0; i < kNB; ++i)
+    for (int c = 1; c < kChains; ++c)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] += s2[i][e];
+      for (int i = 0; i < kNB; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][i][e] += s[c][i][e];
 
+    float(&s0)[kNB][4] = s[0];
     // Online softmax (log2 domain). Positions past the selection are -inf, so their p is 0 and
     // their zero-filled V rows contribute exactly nothing.
 #pragma unroll
     for (int i = 0; i < kNB; ++i) {
       const int col = tok0 + i * 8 + (lane & 3) * 2;
       const bool v0 = tok[col] >= 0, v1 = tok[col + 1] >= 0;
-      s[i][0] = v0 ? s[i][0] * scale_log2 : -INFINITY;
-      s[i][1] = v1 ? s[i][1] * scale_log2 : -INFINITY;
-      s[i][2] = v0 ? s[i][2] * scale_log2 : -INFINITY;
-      s[i][3] = v1 ? s[i][3] * scale_log2 : -INFINITY;
+      s0[i][0] = v0 ? s0[i][0] * scale_log2 : -INFINITY;
+      s0[i][1] = v1 ? s0[i][1] * scale_log2 : -INFINITY;
+      s0[i][2] = v0 ? s0[i][2] * scale_log2 : -INFINITY;
+      s0[i][3] = v1 ? s0[i][3] * scale_log2 : -INFINITY;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < kNB; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+      for (int i = 0; i < kNB; ++i) mx = fmaxf(mx, fmaxf(s0[i][2 * r], s0[i][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[r], mx);
@@ -523,9 +547,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kNB; ++i) {
-        s[i][2 * r] = fast_exp2(s[i][2 * r] - ref);
-        s[i][2 * r + 1] = fast_exp2(s[i][2 * r + 1] - ref);
-        sum += s[i][2 * r] + s[i][2 * r + 1];
+        s0[i][2 * r] = fast_exp2(s0[i][2 * r] - ref);
+        s0[i][2 * r + 1] = fast_exp2(s0[i][2 * r + 1] - ref);
+        sum += s0[i][2 * r] + s0[i][2 * r + 1];
       }
       l_run[r] = l_run[r] * alpha + sum;
 #pragma unroll
@@ -539,10 +563,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
     for (int ks = 0; ks < Tr::kTokPerWarp / 16; ++ks) {
       uint32_t a[4];
-      a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+      a[0] = pack2<T>(s0[2 * ks][0], s0[2 * ks][1]);
+      a[1] = pack2<T>(s0[2 * ks][2], s0[2 * ks][3]);
+      a[2] = pack2<T>(s0[2 * ks + 1][0], s0[2 * ks + 1][1]);
+      a[3] = pack2<T>(s0[2 * ks + 1][2], s0[2 * ks + 1][3]);
 #pragma unroll
       for (int dc = 0; dc < DV / 16; ++dc) {
         uint32_t vb[4];
