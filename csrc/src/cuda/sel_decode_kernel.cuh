@@ -452,10 +452,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // The warp's Q fragments (16 heads x DK) are the same for every tile: in the two-team kernel
   // (one block per SM, so registers to spare; at most 192 columns) they are loaded once instead
   // of per tile, which takes a third of the shared memory reads out of each tile's QK^T.
-  // Measured (A/B on the H100, cold graph us, with the 4 QK chains below): nsa27b B=16 19.75
-  // against 19.98, d128 B=16 17.03 against 17.27; in the one-team kernel the same change cost
-  // nsa27b B=1 (6.90 against 6.70) and seed D=64 B=1024 (51.1 against 50.5), so it stays there
-  // as it was.
+  // Measured (A/B on the H100 against the kernel without both, cold graph us, with the 4 QK
+  // chains below): d128 B=16 17.0 against 17.3, nsa27b B=4 10.3 against 10.6, nsa27b B=16 and
+  // m125 B=64 unchanged (warm nsa27b B=16 17.2 against 18.1); in the one-team kernel the same
+  // change cost nsa27b B=1 (6.90 against 6.70) and seed D=64 B=1024 (51.1 against 50.5), so it
+  // stays there as it was.
   constexpr bool kQInRegs = TEAMS > 1 && MT == 1 && DK <= 192;
   uint32_t q_frag[kQInRegs ? DK / 16 : 1][4];
   auto load_q = [&](int kk, uint32_t (&a)[4]) {
