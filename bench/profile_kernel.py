@@ -117,7 +117,7 @@ def trace_report(sets, calls, blocks):
         if d.size:
             med, p90 = np.median(d), np.percentile(d, 90)
             rows.append(f"  {name:38s} median {med:7.2f} us  p90 {p90:7.2f}")
-    mhz = [(r[:, 14] - r[:, 8]) / np.maximum(r[:, 6] - r[:, 0], 1) * 1e3 for r in recs if r.size]
+    mhz = [(r[:, 22] - r[:, 16]) / np.maximum(r[:, 6] - r[:, 0], 1) * 1e3 for r in recs if r.size]
     rows.append(
         f"  SM clock (clock64 / globaltimer)       median {np.median(np.concatenate(mhz)):7.0f} MHz"
     )

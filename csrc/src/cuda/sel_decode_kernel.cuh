@@ -26,7 +26,6 @@
 #include <cstdint>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#include <cooperative_groups.h>
 #define NSA_SEL_HAS_CLUSTERS 1
 #endif
 
@@ -66,7 +65,9 @@ struct DecodeTraits {
   static constexpr int kChunksK = DK * 2 / 16;      // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;
   static constexpr int kHeads = MT * 16;            // padded heads
-  static constexpr int kOStride = DV + 4;           // fp32 row stride of merge buffers
+  // fp32 row stride of the merge buffers: 8 banks between rows, so that the publish's 8-byte
+  // stores (4 rows of 32 bytes per half warp) hit every bank once (DV + 4 hit half the banks twice).
+  static constexpr int kOStride = DV + 8;
 
   static_assert(sizeof(T) == 2, "T must be a 16-bit float type");
   static_assert(DK % 64 == 0 && DV % 64 == 0, "the XOR swizzle needs rows of 8k 16-byte chunks");
@@ -86,7 +87,9 @@ struct DecodeTraits {
   // Split blocks only: the combine's receive area, written by the peers of the cluster at any
   // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
   // then (m, l) [splits][kHeads][2], fp32.
+  // After it, the 8-byte mbarrier that counts the bytes arriving there (16 bytes reserved).
   static constexpr int kRecvBytes = kHeads * DV * 4 + kMaxSplits * kHeads * 2 * 4;
+  static constexpr int kRecvArea = kRecvBytes + 16;
   // K/V stages [teams][stages], later the merge states [teams][kSlices].
   __host__ __device__ static constexpr int off_tok(int stages, int teams) {
     return off_kv(teams) + teams * (stages * kTileBytes > kMergeBytes ? stages * kTileBytes
@@ -96,7 +99,7 @@ struct DecodeTraits {
     return off_tok(stages, teams) + teams * kTokBufs * kTile * 4;
   }
   __host__ __device__ static constexpr int off_ranges(int stages, int splits, int teams) {
-    return off_recv(stages, teams) + (splits > 1 ? kRecvBytes : 0);
+    return off_recv(stages, teams) + (splits > 1 ? kRecvArea : 0);
   }
   __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits,
                                                       int teams) {
@@ -147,6 +150,54 @@ __device__ __forceinline__ void team_sync(int team) {
   } else {
     asm volatile("bar.sync 2, %0;\n" ::"n"(THREADS) : "memory");
   }
+}
+
+// Distributed shared memory with transaction counts (sm_90): the split combine's pushes land in
+// the owner's receive area and count their bytes on the owner's mbarrier, so the owner waits for
+// its data only (one-way), not for a cluster-wide barrier round trip.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Waits for phase 0 of the barrier, with acquire semantics at cluster scope (the peers' st.async
+// data is visible afterwards).
+__device__ __forceinline__ void mbar_wait_phase0_cluster(uint64_t* bar) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n"
+        " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar))
+        : "memory");
+  } while (!done);
+}
+// The shared::cluster address of `local` (an address of this block's shared memory) in block
+// `rank` of the cluster.
+__device__ __forceinline__ uint32_t map_rank(const void* local, int rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr(local)), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void st_async(uint32_t addr, float4 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(addr),
+      "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void st_async(uint32_t addr, float2 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];\n" ::"r"(
+          addr),
+      "f"(v.x), "f"(v.y), "r"(bar)
+      : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -293,13 +344,32 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   const int64_t r_row = b * p.r_stride_b + g * p.r_stride_g;
 
 #ifdef NSA_SEL_HAS_CLUSTERS
-  // Warm L2 (and the TLB) with this row's ranges and Q while the previous kernel may still be
-  // running. A prefetch reads nothing into the program: L2 is the device's point of coherence,
+  // Split blocks write into their peers' shared memory at the end, which is allowed once every
+  // block of the cluster has started and initialised the mbarrier that counts the bytes coming
+  // in: announce it now, check it (for free, by then) before the first remote write. The
+  // barrier expects every split's share of the valid heads: O columns and one (m, l) per head.
+  // None of it reads an input, so it runs before the wait for the previous kernel, off the
+  // critical path; it is done by warp 1, as warp 0 reads the ranges first thing after the wait.
+  uint64_t* recv_bar = reinterpret_cast<uint64_t*>(smem + Tr::off_recv(stages, teams) + Tr::kRecvBytes);
+  if (splits > 1) {
+    if (tid == 32) {
+      mbar_init(recv_bar, 1);
+      const int share_bytes = DV / splits * 4 + 8;
+      mbar_arrive_expect_tx(recv_bar, static_cast<uint32_t>(splits * p.h * share_bytes));
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  }
+  // Warm L2 (and the TLB) with this row's ranges, its kv_lens entry and Q while the previous
+  // kernel may still be running. A prefetch reads nothing into the program: L2 is the device's point of coherence,
   // so a line the previous kernel writes afterwards is simply updated there.
   {
     const int es = p.index_type == NSA_SEL_I64 ? 8 : 4;
     const int64_t n_pf = p.n < 128 ? p.n : 128;
     if (tid < n_pf) prefetch_l2(r_base + (r_row + tid * p.r_stride_n) * es);
+    if (p.kv_lens != nullptr && tid == nthreads - 1)
+      prefetch_l2(static_cast<const unsigned char*>(p.kv_lens) +
+                  b * p.kv_lens_stride_b * (p.kv_lens_type == NSA_SEL_I64 ? 8 : 4));
     constexpr int kLines = (DK * 2 + 127) / 128;  // 128-byte lines per Q row
     const int q_lines = static_cast<int>(p.h) * kLines;
     for (int c = tid; c < q_lines; c += nthreads)
@@ -312,12 +382,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
   NSA_SEL_TRACE_MARK(1);
-#ifdef NSA_SEL_HAS_CLUSTERS
-  // Split blocks write into their peers' shared memory at the end, which is allowed once every
-  // block of the cluster has started: announce it now, check it (for free, by then) before the
-  // first remote write.
-  if (splits > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#endif
 
   // Causal limit for the single query (t = kv_len - 1): lim = kv_len, clamped into [0, s_kv] so a
   // bad kv_lens value can never send a load out of the tensor.
@@ -647,23 +711,37 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 
   T* out_row = static_cast<T*>(p.out) + b * p.o_stride_b + g * p.o_stride_g;
   constexpr int kGroups = DV / 4;  // float4 column groups per head
-  const int n_groups = static_cast<int>(p.h) * kGroups;
   auto store4 = [&](int hr, int c4, float4 v) {
     T* dst = out_row + hr * p.o_stride_h + c4;
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
   };
-
-  if (splits == 1) {
-    for (int gi = tid; gi < n_groups; gi += nthreads) {
-      const int hr = gi / kGroups, c4 = (gi % kGroups) * 4;
-      float w[kSets], m_all, l_all;
-      slice_weights(hr, w, m_all, l_all);
-      // Empty selection: l_all == 0 and every O is 0, so weights 0 give exact zeros (never
+  // The merge's work split: kTPH threads per head, each weighing the sets once and then merging
+  // kGPT column groups (group msub + c * kTPH), all their loads in flight together: one dependent
+  // chain per thread (it was one per group, up to 4 in a row), which the B=1 epilogue waits on.
+  constexpr int kTPH = nthreads / Tr::kHeads;
+  constexpr int kGPT = kGroups / kTPH;
+  static_assert(kTPH >= 1 && kGroups % kTPH == 0, "the merge needs whole column groups per thread");
+  const int mh = tid / kTPH, msub = tid % kTPH;
+  float4 acc[kGPT];
+  float m_blk = -INFINITY, l_blk = 0.f;
+  if (mh < p.h) {
+    float w[kSets];
+    slice_weights(mh, w, m_blk, l_blk);
+    if (splits == 1) {
+      // Empty selection: l_blk == 0 and every O is 0, so weights 0 give exact zeros (never
       // 0/0). NaN in the selected data keeps propagating.
-      const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
+      const float inv = l_blk == 0.f ? 0.f : 1.f / l_blk;
 #pragma unroll
       for (int k = 0; k < kSets; ++k) w[k] *= inv;
-      store4(hr, c4, merge_group(hr, c4, w));
+    }
+#pragma unroll
+    for (int c = 0; c < kGPT; ++c) acc[c] = merge_group(mh, (msub + c * kTPH) * 4, w);
+  }
+
+  if (splits == 1) {
+    if (mh < p.h) {
+#pragma unroll
+      for (int c = 0; c < kGPT; ++c) store4(mh, (msub + c * kTPH) * 4, acc[c]);
     }
     NSA_SEL_TRACE_MARK(5);
     NSA_SEL_TRACE_MARK(6);
@@ -673,55 +751,57 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #ifdef NSA_SEL_HAS_CLUSTERS
   // Split-KV combine across the cluster, by pushing: block `split` owns output columns
   // [split, split + 1) * DV / splits of every head. Each block sends its merged O of those
-  // columns, and its (m, l) of every head, into the owner's receive area (distributed shared
-  // memory stores: no round trip). One cluster barrier (release / acquire) later, every owner
-  // holds all the splits' states of its columns locally, weighs them in split order
-  // (deterministic) and stores. Nobody reads a peer's memory, so no second barrier.
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
+  // columns, and its (m, l) of every head, into the owner's receive area with st.async, whose
+  // bytes complete the owner's mbarrier (set at the start to expect all of them). The owner waits
+  // on that barrier alone (no cluster-wide barrier: it needs its data, not its peers' progress),
+  // then weighs the splits' states of its columns in split order (deterministic) and stores.
+  // Nobody reads a peer's memory, and a block exits only once everything sent to it has landed.
   float* recv_o = reinterpret_cast<float*>(smem + Tr::off_recv(stages, teams));  // [splits][kHeads][DV/splits]
   float* recv_ml = recv_o + Tr::kHeads * DV;                       // [splits][kHeads][2]
   const int share = kGroups / splits;  // column groups per owner (splits divides kGroups)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started
   NSA_SEL_TRACE_MARK(5);
-  for (int gi = tid; gi < n_groups; gi += nthreads) {
-    const int hr = gi / kGroups, cg4 = gi % kGroups;
-    float w[kSets], m_all, l_all;
-    slice_weights(hr, w, m_all, l_all);
-    const float4 acc = merge_group(hr, cg4 * 4, w);
-    const int owner = cg4 / share, j = cg4 % share;
-    float* dst = cluster.map_shared_rank(recv_o, owner);
-    *reinterpret_cast<float4*>(dst + (split * Tr::kHeads + hr) * (share * 4) + j * 4) = acc;
-    if (cg4 % share == 0) {
-      float* ml = cluster.map_shared_rank(recv_ml, owner);
-      *reinterpret_cast<float2*>(ml + (split * Tr::kHeads + hr) * 2) = make_float2(m_all, l_all);
+  if (mh < p.h) {
+#pragma unroll
+    for (int c = 0; c < kGPT; ++c) {
+      const int cg4 = msub + c * kTPH;
+      const int owner = cg4 / share, j = cg4 % share;
+      const uint32_t bar = map_rank(recv_bar, owner);
+      st_async(map_rank(recv_o + (split * Tr::kHeads + mh) * (share * 4) + j * 4, owner), acc[c],
+               bar);
+      if (j == 0)
+        st_async(map_rank(recv_ml + (split * Tr::kHeads + mh) * 2, owner),
+                 make_float2(m_blk, l_blk), bar);
     }
   }
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  mbar_wait_phase0_cluster(recv_bar);
   NSA_SEL_TRACE_MARK(7);
   const int my_groups = static_cast<int>(p.h) * share;
   for (int gi = tid; gi < my_groups; gi += nthreads) {
     const int hr = gi / share, j = gi % share;
-    float m_k[kMaxSplits], l_k[kMaxSplits];
-    float m_all = -INFINITY;
+    // Every load first, so that the lot costs one shared-memory latency (splits past `splits`
+    // read as empty states).
+    float2 ml[kMaxSplits];
+    float4 x[kMaxSplits];
 #pragma unroll
     for (int k = 0; k < kMaxSplits; ++k) {
-      if (k < splits) {
-        const float2 ml = *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2);
-        m_k[k] = ml.x;
-        l_k[k] = ml.y;
-        m_all = fmaxf(m_all, ml.x);
-      }
+      const bool live = k < splits;
+      ml[k] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
+                   : make_float2(-INFINITY, 0.f);
+      x[k] = live ? *reinterpret_cast<const float4*>(recv_o + (k * Tr::kHeads + hr) * (share * 4) +
+                                                     j * 4)
+                  : make_float4(0.f, 0.f, 0.f, 0.f);
     }
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kMaxSplits; ++k) m_all = fmaxf(m_all, ml[k].x);
     const float ref = m_all == -INFINITY ? 0.f : m_all;  // all splits empty: weights 0
+    float w[kMaxSplits];
     float l_all = 0.f;
 #pragma unroll
     for (int k = 0; k < kMaxSplits; ++k) {
-      if (k < splits) {
-        m_k[k] = fast_exp2(m_k[k] - ref);
-        l_all += m_k[k] * l_k[k];
-      }
+      w[k] = fast_exp2(ml[k].x - ref);
+      if (k < splits) l_all += w[k] * ml[k].y;
     }
     // Empty selection: l_all == 0 and every O is 0, so coefficients 0 give exact zeros.
     const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
@@ -729,13 +809,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
     for (int k = 0; k < kMaxSplits; ++k) {
       if (k < splits) {
-        const float c = m_k[k] * inv;
-        const float4 x = *reinterpret_cast<const float4*>(
-            recv_o + (k * Tr::kHeads + hr) * (share * 4) + j * 4);
-        acc.x += c * x.x;
-        acc.y += c * x.y;
-        acc.z += c * x.z;
-        acc.w += c * x.w;
+        const float c = w[k] * inv;
+        acc.x += c * x[k].x;
+        acc.y += c * x[k].y;
+        acc.z += c * x[k].z;
+        acc.w += c * x[k].w;
       }
     }
     store4(hr, (split * share + j) * 4, acc);
