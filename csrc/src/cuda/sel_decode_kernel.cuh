@@ -14,8 +14,8 @@
 // that is not selected is never read); tensor cores compute S = Q K^T and O += P V with fp32
 // accumulation and an online softmax in exp2 form. The warps' states are then merged in shared
 // memory; split blocks push their merged state, a 1/splits share of the output columns to each
-// block of the cluster (distributed shared memory), and each block combines its share in split
-// order, so the result is deterministic. The number of pipeline stages is a launch parameter
+// block of the cluster (st.async into distributed shared memory, counted by the receiver's
+// mbarrier), and each block combines its share in split order, so the result is deterministic. The number of pipeline stages is a launch parameter
 // (shared memory is sized for it), so that blocks of small tiles can fit 4 to an SM.
 #pragma once
 
