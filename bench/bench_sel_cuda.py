@@ -69,8 +69,13 @@ SLOW_CALL_S = 2e-3
 KERNEL_HEAD_DIMS = {(64, 64), (128, 128), (192, 128), (256, 256)}
 MAE_BAR = 1e-3  # SPEC.md
 PEER_MAE_WARN = 5e-3  # a peer further than this from the oracle is flagged (setup bug?)
-SHORT = {"packed": "packed", "gather_sdpa": "gather", "flex": "flex", "dense": "dense",
-         "fla": "fla"}
+SHORT = {
+    "packed": "packed",
+    "gather_sdpa": "gather",
+    "flex": "flex",
+    "dense": "dense",
+    "fla": "fla",
+}
 
 # PERF.md, Targets (H100, bf16, graph figure unless stated).
 TARGET_ROOF_PCT = 95.0
@@ -99,15 +104,19 @@ class Case:
         return self.n * self.blk
 
     def bytes(self, elem: int = 2) -> int:
-        return (self.B * self.G * self.L * (self.Dk + self.Dv) * elem
-                + self.B * self.G * self.h * (self.Dk + self.Dv) * elem)
+        return (
+            self.B * self.G * self.L * (self.Dk + self.Dv) * elem
+            + self.B * self.G * self.h * (self.Dk + self.Dv) * elem
+        )
 
     def kv_bytes(self, elem: int = 2) -> int:
         return self.B * self.G * self.S_kv * (self.Dk + self.Dv) * elem
 
     def label(self) -> str:
-        return (f"{self.family} B={self.B} G={self.G} h={self.h} Dk={self.Dk} Dv={self.Dv} "
-                f"S_kv={self.S_kv} n={self.n}x{self.blk} L={self.L}")
+        return (
+            f"{self.family} B={self.B} G={self.G} h={self.h} Dk={self.Dk} Dv={self.Dv} "
+            f"S_kv={self.S_kv} n={self.n}x{self.blk} L={self.L}"
+        )
 
 
 MODELS = {  # G, h, Dk, Dv, S_kv (n = 16 blocks of 64)
@@ -136,8 +145,13 @@ def quick_grid() -> list:
 
 
 def full_grid() -> list:
-    cases = [seed_case(N, h, D, L) for N in (256, 1024) for h in (4, 8) for D in (64, 128)
-             for L in (128, 256, 512)]
+    cases = [
+        seed_case(N, h, D, L)
+        for N in (256, 1024)
+        for h in (4, 8)
+        for D in (64, 128)
+        for L in (128, 256, 512)
+    ]
     for name in MODELS:
         cases += [model_case(name, B) for B in (1, 4, 16, 64, 128)]
     cases += [model_case("nsa27b", 16, S_kv=1 << e, family="ctx") for e in range(13, 21)]
@@ -188,33 +202,43 @@ def make_inputs(case: Case, dtype, device, free_bytes: int, seed: int = 0) -> pe
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     B, G, h = case.B, case.G, case.h
-    Q = [torch.randn(B, 1, G, h, case.Dk, generator=gen, device=device, dtype=dtype)
-         for _ in range(R)]
+    Q = [
+        torch.randn(B, 1, G, h, case.Dk, generator=gen, device=device, dtype=dtype)
+        for _ in range(R)
+    ]
     ranges = [make_ranges(case, gen, device) for _ in range(R)]
     scale = 1.0 / math.sqrt(case.Dk)
     if case.family == "ctx":
         step = 3 * case.blk
         S_big = case.S_kv + step * (R - 1)
         if kv * S_big / case.S_kv > 0.9 * free_bytes:
-            raise MemoryError(f"K/V ({kv * S_big / case.S_kv / 1e9:.1f} GB) do not fit "
-                              f"({free_bytes / 1e9:.1f} GB free)")
+            raise MemoryError(
+                f"K/V ({kv * S_big / case.S_kv / 1e9:.1f} GB) do not fit "
+                f"({free_bytes / 1e9:.1f} GB free)"
+            )
         K_big = torch.randn(B, G, S_big, case.Dk, generator=gen, device=device, dtype=dtype)
         V_big = torch.randn(B, G, S_big, case.Dv, generator=gen, device=device, dtype=dtype)
-        K = [K_big[:, :, step * r: step * r + case.S_kv] for r in range(R)]
-        V = [V_big[:, :, step * r: step * r + case.S_kv] for r in range(R)]
-        return peerlib.Inputs(Q=Q, ranges=ranges, K=K, V=V, blk=case.blk, scale=scale,
-                              layout="windows")
+        K = [K_big[:, :, step * r : step * r + case.S_kv] for r in range(R)]
+        V = [V_big[:, :, step * r : step * r + case.S_kv] for r in range(R)]
+        return peerlib.Inputs(
+            Q=Q, ranges=ranges, K=K, V=V, blk=case.blk, scale=scale, layout="windows"
+        )
     if case.family == "seed":
         C = R  # one fixed selection: only separate K/V copies rotate
     else:
         C = int(max(1, min(R, (KV_BUDGET_FRACTION * free_bytes) // max(kv, 1))))
     if C * kv > 0.9 * free_bytes:
-        raise MemoryError(f"K/V ({C} x {kv / 1e9:.1f} GB) do not fit ({free_bytes / 1e9:.1f} GB "
-                          f"free)")
-    K = [torch.randn(B, G, case.S_kv, case.Dk, generator=gen, device=device, dtype=dtype)
-         for _ in range(C)]
-    V = [torch.randn(B, G, case.S_kv, case.Dv, generator=gen, device=device, dtype=dtype)
-         for _ in range(C)]
+        raise MemoryError(
+            f"K/V ({C} x {kv / 1e9:.1f} GB) do not fit ({free_bytes / 1e9:.1f} GB free)"
+        )
+    K = [
+        torch.randn(B, G, case.S_kv, case.Dk, generator=gen, device=device, dtype=dtype)
+        for _ in range(C)
+    ]
+    V = [
+        torch.randn(B, G, case.S_kv, case.Dv, generator=gen, device=device, dtype=dtype)
+        for _ in range(C)
+    ]
     return peerlib.Inputs(Q=Q, ranges=ranges, K=K, V=V, blk=case.blk, scale=scale)
 
 
@@ -351,8 +375,7 @@ def reset_after_error():
     try:
         sync()
     except Exception as exc:  # noqa: BLE001
-        print(f"FATAL: the CUDA context is unusable after an error ({exc}); stopping.",
-              flush=True)
+        print(f"FATAL: the CUDA context is unusable after an error ({exc}); stopping.", flush=True)
         raise SystemExit(2) from exc
     gc.collect()
     torch.cuda.empty_cache()
@@ -373,9 +396,11 @@ def references_disabled():
     import nsa
     import nsa.reference as ref
 
-    targets = [getattr(ref, "_packed", None), getattr(nsa, "grouped_selection_attention_packed",
-                                                      None),
-               getattr(nsa, "grouped_selection_attention", None)]
+    targets = [
+        getattr(ref, "_packed", None),
+        getattr(nsa, "grouped_selection_attention_packed", None),
+        getattr(nsa, "grouped_selection_attention", None),
+    ]
     ids = {id(f) for f in targets if f is not None}
 
     def raiser(*args, **kwargs):
@@ -397,8 +422,11 @@ def references_disabled():
 
 
 def kernel_covers(case: Case, dtype) -> bool:
-    return (dtype in (torch.float16, torch.bfloat16) and (case.Dk, case.Dv) in KERNEL_HEAD_DIMS
-            and 1 <= case.h <= 64)
+    return (
+        dtype in (torch.float16, torch.bfloat16)
+        and (case.Dk, case.Dv) in KERNEL_HEAD_DIMS
+        and 1 <= case.h <= 64
+    )
 
 
 def prove_kernel(case: Case, dtype, inp: peerlib.Inputs) -> tuple:
@@ -537,8 +565,9 @@ def measure_peer(name: str, case: Case, inp: peerlib.Inputs, ref64) -> dict:
         rec["mae"] = mae_of(out, ref64)
         del out
         graph_ok = True
-        if name == "packed" and (case.n * case.S_kv > 4 * case.L
-                                 or packed_capture_bytes(case) > 0.5 * free_bytes()):
+        if name == "packed" and (
+            case.n * case.S_kv > 4 * case.L or packed_capture_bytes(case) > 0.5 * free_bytes()
+        ):
             # Under capture it gathers the static bound n * S_kv per row, not the selection:
             # a different (much slower) computation than the eager call; report eager only.
             graph_ok = False
@@ -592,13 +621,17 @@ def result_line(res: Result, roof_bps: float) -> str:
         spd = f"{res.speedup:.1f}x" if res.speedup else "n/a"
         if res.basis == "eager" and res.speedup:
             spd += "(eager)"
-        kern = (f"path=kernel cuda_ms={fmt(res.cuda_ms, '.4f')} ref_ms={fmt(res.ref_ms, '.4f')} "
-                f"speedup={spd} mae={fmt(res.mae, '.2e')} | eager_us={fmt(res.eager_us)} "
-                f"graph_us={fmt(res.graph_us)} GB/s={fmt(gbps, '.0f')} roof={fmt(pct)}% "
-                f"floor_us={floor_us:.1f}")
+        kern = (
+            f"path=kernel cuda_ms={fmt(res.cuda_ms, '.4f')} ref_ms={fmt(res.ref_ms, '.4f')} "
+            f"speedup={spd} mae={fmt(res.mae, '.2e')} | eager_us={fmt(res.eager_us)} "
+            f"graph_us={fmt(res.graph_us)} GB/s={fmt(gbps, '.0f')} roof={fmt(pct)}% "
+            f"floor_us={floor_us:.1f}"
+        )
     else:
-        kern = (f"path={res.path} cuda_ms=n/a ref_ms=n/a speedup=n/a mae={fmt(res.mae, '.2e')} "
-                f"floor_us={floor_us:.1f}")
+        kern = (
+            f"path={res.path} cuda_ms=n/a ref_ms=n/a speedup=n/a mae={fmt(res.mae, '.2e')} "
+            f"floor_us={floor_us:.1f}"
+        )
     if res.note:
         kern += f" [{res.note}]"
     peers = " ".join(f"{k}={peer_cell(v)}" for k, v in res.peers.items())
@@ -623,9 +656,19 @@ def print_table(results: list, peer_names, roof_bps: float):
     for r in results:
         c = r.case
         pct = (100 * c.bytes() / (r.graph_us * 1e-6) / roof_bps) if r.graph_us else None
-        row = [c.family if r.path == "kernel" else c.family + "*", str(c.B), str(c.h),
-               f"{c.Dk}/{c.Dv}", str(c.S_kv), str(c.L), f"{c.bytes() / roof_bps * 1e6:.1f}",
-               fmt(r.graph_us), fmt(r.eager_us), fmt(pct), fmt(r.speedup)]
+        row = [
+            c.family if r.path == "kernel" else c.family + "*",
+            str(c.B),
+            str(c.h),
+            f"{c.Dk}/{c.Dv}",
+            str(c.S_kv),
+            str(c.L),
+            f"{c.bytes() / roof_bps * 1e6:.1f}",
+            fmt(r.graph_us),
+            fmt(r.eager_us),
+            fmt(pct),
+            fmt(r.speedup),
+        ]
         row += [short_cell(r.peers.get(p)) for p in peer_names]
         rows.append(row)
     widths = [max(len(cols[i]), *(len(row[i]) for row in rows)) for i in range(len(cols))]
@@ -655,14 +698,21 @@ def targets_check(results: list, roof_bps: float) -> list:
 
     big = [r for r in results if r.case.bytes() / roof_bps * 1e6 >= TARGET_ROOF_MIN_US]
     if big:
-        pcts = [(100 * r.case.bytes() / (graph(r) * 1e-6) / roof_bps if graph(r) else 0.0, r)
-                for r in big]
+        pcts = [
+            (100 * r.case.bytes() / (graph(r) * 1e-6) / roof_bps if graph(r) else 0.0, r)
+            for r in big
+        ]
         worst_pct, worst = min(pcts, key=lambda t: t[0])
         nfail = sum(1 for p, _ in pcts if p < TARGET_ROOF_PCT)
-        out.append((f"roof >= {TARGET_ROOF_PCT:.0f}% on every shape with floor >= 40 us "
-                    f"({len(big)} shapes)", verdict(nfail == 0),
-                    f"worst {worst_pct:.1f}% at {worst.case.family} B={worst.case.B} "
-                    f"S_kv={worst.case.S_kv} L={worst.case.L}; {nfail} below"))
+        out.append(
+            (
+                f"roof >= {TARGET_ROOF_PCT:.0f}% on every shape with floor >= 40 us "
+                f"({len(big)} shapes)",
+                verdict(nfail == 0),
+                f"worst {worst_pct:.1f}% at {worst.case.family} B={worst.case.B} "
+                f"S_kv={worst.case.S_kv} L={worst.case.L}; {nfail} below",
+            )
+        )
     else:
         out.append(("roof >= 95% on shapes with floor >= 40 us", "n/a", "none measured"))
 
@@ -670,8 +720,11 @@ def targets_check(results: list, roof_bps: float) -> list:
         r = _find(results, fam, B)
         g = graph(r)
         name = f"{fam} B={B} <= {limit:.0f} us"
-        out.append((name, "n/a", "not measured") if r is None else
-                   (name, verdict(g is not None and g <= limit), f"{fmt(g)} us"))
+        out.append(
+            (name, "n/a", "not measured")
+            if r is None
+            else (name, verdict(g is not None and g <= limit), f"{fmt(g)} us")
+        )
 
     b1 = [(fam, _find(results, fam, 1)) for fam in ("nsa27b", "d128", "m125")]
     b1 = [(f, r) for f, r in b1 if r is not None]
@@ -679,12 +732,22 @@ def targets_check(results: list, roof_bps: float) -> list:
         gs = [(graph(r), f) for f, r in b1]
         worst = max(gs, key=lambda t: float("inf") if t[0] is None else t[0])
         ok = all(g is not None and g <= 5.0 for g, _ in gs)
-        out.append(("every B=1 model shape <= 5 us (graph)", verdict(ok),
-                    ", ".join(f"{f} {fmt(g)}" for g, f in gs) + f" (worst {worst[1]})"))
+        out.append(
+            (
+                "every B=1 model shape <= 5 us (graph)",
+                verdict(ok),
+                ", ".join(f"{f} {fmt(g)}" for g, f in gs) + f" (worst {worst[1]})",
+            )
+        )
         es = [(r.eager_us if r.ok() else None, f) for f, r in b1]
         ok = all(e is not None and e <= 25.0 for e, _ in es)
-        out.append(("eager call at B=1 <= 25 us wall", verdict(ok),
-                    ", ".join(f"{f} {fmt(e)}" for e, f in es)))
+        out.append(
+            (
+                "eager call at B=1 <= 25 us wall",
+                verdict(ok),
+                ", ".join(f"{f} {fmt(e)}" for e, f in es),
+            )
+        )
     else:
         out.append(("every B=1 model shape <= 5 us", "n/a", "not measured"))
         out.append(("eager call at B=1 <= 25 us wall", "n/a", "not measured"))
@@ -695,9 +758,14 @@ def targets_check(results: list, roof_bps: float) -> list:
         ok = all(s is not None and s >= 5.0 for s, _ in sp)
         known = [s for s, _ in sp if s is not None]
         basis = {r.basis for r in seeds if r.basis}
-        out.append((f"every seed shape >= 5x the packed reference ({len(seeds)} shapes)",
-                    verdict(ok), f"min {fmt(min(known) if known else None)}x, "
-                    f"{len(seeds) - len(known)} unmeasured, basis {'/'.join(sorted(basis))}"))
+        out.append(
+            (
+                f"every seed shape >= 5x the packed reference ({len(seeds)} shapes)",
+                verdict(ok),
+                f"min {fmt(min(known) if known else None)}x, "
+                f"{len(seeds) - len(known)} unmeasured, basis {'/'.join(sorted(basis))}",
+            )
+        )
     else:
         out.append(("every seed shape >= 5x the packed reference", "n/a", "not measured"))
 
@@ -706,10 +774,13 @@ def targets_check(results: list, roof_bps: float) -> list:
         gs = [graph(r) for r in ctx]
         if all(g is not None for g in gs):
             spread = max(gs) / min(gs) - 1
-            detail = (f"{min(gs):.1f}..{max(gs):.1f} us over S_kv {ctx[0].case.S_kv}.."
-                      f"{ctx[-1].case.S_kv}: spread {100 * spread:.1f}%")
-            out.append(("cost flat within 10% vs context (8k..1M)", verdict(spread <= 0.10),
-                        detail))
+            detail = (
+                f"{min(gs):.1f}..{max(gs):.1f} us over S_kv {ctx[0].case.S_kv}.."
+                f"{ctx[-1].case.S_kv}: spread {100 * spread:.1f}%"
+            )
+            out.append(
+                ("cost flat within 10% vs context (8k..1M)", verdict(spread <= 0.10), detail)
+            )
         else:
             out.append(("cost flat within 10% vs context", "FAIL", "some points not measured"))
     else:
@@ -720,9 +791,33 @@ def targets_check(results: list, roof_bps: float) -> list:
 def write_csv(path: str, results: list, peer_names, roof_bps: float):
     import csv
 
-    fields = ["family", "B", "G", "h", "Dk", "Dv", "S_kv", "n", "blk", "L", "dtype", "rot",
-              "path", "cuda_ms", "ref_ms", "speedup", "speedup_basis", "mae", "eager_us",
-              "graph_us", "gbps", "roof_pct", "floor_us", "bytes", "note"]
+    fields = [
+        "family",
+        "B",
+        "G",
+        "h",
+        "Dk",
+        "Dv",
+        "S_kv",
+        "n",
+        "blk",
+        "L",
+        "dtype",
+        "rot",
+        "path",
+        "cuda_ms",
+        "ref_ms",
+        "speedup",
+        "speedup_basis",
+        "mae",
+        "eager_us",
+        "graph_us",
+        "gbps",
+        "roof_pct",
+        "floor_us",
+        "bytes",
+        "note",
+    ]
     for p in peer_names:
         fields += [f"{p}_graph_us", f"{p}_eager_us", f"{p}_mae", f"{p}_note"]
     with open(path, "w", newline="") as f:
@@ -731,18 +826,43 @@ def write_csv(path: str, results: list, peer_names, roof_bps: float):
         for r in results:
             c = r.case
             gbps = c.bytes() / (r.graph_us * 1e-6) / 1e9 if r.graph_us else None
-            row = dict(family=c.family, B=c.B, G=c.G, h=c.h, Dk=c.Dk, Dv=c.Dv, S_kv=c.S_kv,
-                       n=c.n, blk=c.blk, L=c.L, dtype=r.dtype, rot=r.rot, path=r.path,
-                       cuda_ms=r.cuda_ms, ref_ms=r.ref_ms, speedup=r.speedup,
-                       speedup_basis=r.basis, mae=r.mae, eager_us=r.eager_us,
-                       graph_us=r.graph_us, gbps=gbps,
-                       roof_pct=100 * gbps * 1e9 / roof_bps if gbps else None,
-                       floor_us=c.bytes() / roof_bps * 1e6, bytes=c.bytes(), note=r.note)
+            row = dict(
+                family=c.family,
+                B=c.B,
+                G=c.G,
+                h=c.h,
+                Dk=c.Dk,
+                Dv=c.Dv,
+                S_kv=c.S_kv,
+                n=c.n,
+                blk=c.blk,
+                L=c.L,
+                dtype=r.dtype,
+                rot=r.rot,
+                path=r.path,
+                cuda_ms=r.cuda_ms,
+                ref_ms=r.ref_ms,
+                speedup=r.speedup,
+                speedup_basis=r.basis,
+                mae=r.mae,
+                eager_us=r.eager_us,
+                graph_us=r.graph_us,
+                gbps=gbps,
+                roof_pct=100 * gbps * 1e9 / roof_bps if gbps else None,
+                floor_us=c.bytes() / roof_bps * 1e6,
+                bytes=c.bytes(),
+                note=r.note,
+            )
             for p in peer_names:
                 rec = r.peers.get(p, {})
-                row.update({f"{p}_graph_us": rec.get("graph_us"),
-                            f"{p}_eager_us": rec.get("eager_us"), f"{p}_mae": rec.get("mae"),
-                            f"{p}_note": rec.get("note", "")})
+                row.update(
+                    {
+                        f"{p}_graph_us": rec.get("graph_us"),
+                        f"{p}_eager_us": rec.get("eager_us"),
+                        f"{p}_mae": rec.get("mae"),
+                        f"{p}_note": rec.get("note", ""),
+                    }
+                )
             w.writerow(row)
     print(f"csv: {path}")
 
@@ -764,8 +884,9 @@ def write_plot(path: str, results: list, peer_names, roof_bps: float, title: str
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for ax, (fam, xkey) in zip(axes[0], panels):
-        rs = sorted((r for r in results if r.case.family == fam),
-                    key=lambda r: getattr(r.case, xkey))
+        rs = sorted(
+            (r for r in results if r.case.family == fam), key=lambda r: getattr(r.case, xkey)
+        )
         xs = [getattr(r.case, xkey) for r in rs]
         series = [("this kernel", [r.graph_us for r in rs], "k-", 2.2)]
         for p in peer_names:
@@ -775,8 +896,7 @@ def write_plot(path: str, results: list, peer_names, roof_bps: float, title: str
                 series.append((f"{p} (eager)", ys, "--", 1.0))
             else:
                 series.append((p, ys, "-", 1.2))
-        series.append(("copy-roof floor", [r.case.bytes() / roof_bps * 1e6 for r in rs], "k:",
-                       1.0))
+        series.append(("copy-roof floor", [r.case.bytes() / roof_bps * 1e6 for r in rs], "k:", 1.0))
         for name, ys, style, lw in series:
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
@@ -784,8 +904,11 @@ def write_plot(path: str, results: list, peer_names, roof_bps: float, title: str
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         c = rs[0].case
-        ax.set_title(f"{fam}: G={c.G} h={c.h} Dk/Dv={c.Dk}/{c.Dv} L={c.L}"
-                     + (f" S_kv={c.S_kv}" if xkey == "B" else f" B={c.B}"), fontsize=9)
+        ax.set_title(
+            f"{fam}: G={c.G} h={c.h} Dk/Dv={c.Dk}/{c.Dv} L={c.L}"
+            + (f" S_kv={c.S_kv}" if xkey == "B" else f" B={c.B}"),
+            fontsize=9,
+        )
         ax.set_xlabel(xkey)
         ax.set_ylabel("µs per call (CUDA graph, L2 cold)")
         ax.grid(True, which="both", alpha=0.3)
@@ -806,32 +929,42 @@ def header(roof_bps: Optional[float]) -> str:
     lines = [f"# nsa selection-attention decode benchmark, {now:%Y-%m-%d %H:%M}"]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        lines.append(f"# GPU {p.name}, {p.multi_processor_count} SMs, "
-                     f"{p.total_memory / 2**30:.0f} GiB, cc {p.major}.{p.minor}")
+        lines.append(
+            f"# GPU {p.name}, {p.multi_processor_count} SMs, "
+            f"{p.total_memory / 2**30:.0f} GiB, cc {p.major}.{p.minor}"
+        )
     try:
         import triton
 
         tv = triton.__version__
     except Exception:  # noqa: BLE001
         tv = "n/a"
-    lines.append(f"# torch {torch.__version__}, CUDA {torch.version.cuda}, triton {tv}, "
-                 f"python {platform.python_version()}")
+    lines.append(
+        f"# torch {torch.__version__}, CUDA {torch.version.cuda}, triton {tv}, "
+        f"python {platform.python_version()}"
+    )
     if roof_bps:
-        lines.append(f"# copy roof (device-to-device, read+write counted): {roof_bps / 1e12:.3f} "
-                     f"TB/s (PERF.md: 2.88-3.01)")
+        lines.append(
+            f"# copy roof (device-to-device, read+write counted): {roof_bps / 1e12:.3f} "
+            f"TB/s (PERF.md: 2.88-3.01)"
+        )
     try:
         from nsa.kernels.cuda_sel_kernel import kernel_status
 
         st = kernel_status()
-        lines.append(f"# kernel: available={st.get('available')} library={st.get('library')} "
-                     f"{st.get('reason') or ''}".rstrip())
+        lines.append(
+            f"# kernel: available={st.get('available')} library={st.get('library')} "
+            f"{st.get('reason') or ''}".rstrip()
+        )
     except Exception as exc:  # noqa: BLE001
         lines.append(f"# kernel status: n/a ({peerlib._first_line(exc)})")
-    lines.append(f"# env NSA_SEL_CUDA={os.environ.get('NSA_SEL_CUDA')} "
-                 f"NSA_SEL_CUDA_STRICT={os.environ.get('NSA_SEL_CUDA_STRICT')}; eager: median of "
-                 f"{EAGER_SAMPLES} samples of {EAGER_INNER} calls + sync; graph: >= "
-                 f"{MIN_GRAPH_CALLS} calls per graph, median of {GRAPH_REPLAYS} replays; "
-                 f">= {ROT_BYTES / 1e6:.0f} MB selected per round")
+    lines.append(
+        f"# env NSA_SEL_CUDA={os.environ.get('NSA_SEL_CUDA')} "
+        f"NSA_SEL_CUDA_STRICT={os.environ.get('NSA_SEL_CUDA_STRICT')}; eager: median of "
+        f"{EAGER_SAMPLES} samples of {EAGER_INNER} calls + sync; graph: >= "
+        f"{MIN_GRAPH_CALLS} calls per graph, median of {GRAPH_REPLAYS} replays; "
+        f">= {ROT_BYTES / 1e6:.0f} MB selected per round"
+    )
     return "\n".join(lines)
 
 
@@ -847,10 +980,14 @@ def demo_cpu() -> int:
     V = torch.randn(case.B, case.G, case.S_kv, case.Dv, generator=gen, dtype=dtype)
     ranges = make_ranges(case, gen, "cpu")
     ref64 = nsa.grouped_selection_attention(Q.double(), K.double(), V.double(), ranges)
-    print(f"shape: {case.label()} {str(dtype).replace('torch.', '')} (float64 oracle: "
-          f"grouped_selection_attention on .double() inputs)")
-    for name, fn in (("grouped_selection_attention_packed", nsa.grouped_selection_attention_packed),
-                     ("grouped_selection_attention", nsa.grouped_selection_attention)):
+    print(
+        f"shape: {case.label()} {str(dtype).replace('torch.', '')} (float64 oracle: "
+        f"grouped_selection_attention on .double() inputs)"
+    )
+    for name, fn in (
+        ("grouped_selection_attention_packed", nsa.grouped_selection_attention_packed),
+        ("grouped_selection_attention", nsa.grouped_selection_attention),
+    ):
         out = fn(Q, K, V, ranges)
         ts = []
         for _ in range(5):
@@ -858,8 +995,10 @@ def demo_cpu() -> int:
             fn(Q, K, V, ranges)
             ts.append(time.perf_counter() - t0)
         err = (out.double() - ref64).abs()
-        print(f"{name}: cpu_ms={statistics.median(ts) * 1e3:.3f} mae={float(err.mean()):.2e} "
-              f"max_err={float(err.max()):.2e}")
+        print(
+            f"{name}: cpu_ms={statistics.median(ts) * 1e3:.3f} mae={float(err.mean()):.2e} "
+            f"max_err={float(err.max()):.2e}"
+        )
     return 0
 
 
@@ -876,12 +1015,16 @@ def parse_peers(args) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="PERF.md's peer-table shapes only")
-    ap.add_argument("--demo", action="store_true",
-                    help="CPU: the references only; GPU: a small subset")
+    ap.add_argument(
+        "--demo", action="store_true", help="CPU: the references only; GPU: a small subset"
+    )
     ap.add_argument("--csv", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
-    ap.add_argument("--peers", default=",".join(peerlib.PEER_NAMES),
-                    help=f"comma list from {','.join(peerlib.PEER_NAMES)}")
+    ap.add_argument(
+        "--peers",
+        default=",".join(peerlib.PEER_NAMES),
+        help=f"comma list from {','.join(peerlib.PEER_NAMES)}",
+    )
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--only", default="", help="comma list of families: seed,nsa27b,d128,m125,ctx")
@@ -894,8 +1037,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         if args.demo:
             return demo_cpu()
-        print("no CUDA GPU: the benchmark needs one (use --demo to run the references on the "
-              "CPU)")
+        print("no CUDA GPU: the benchmark needs one (use --demo to run the references on the CPU)")
         return 1
 
     peer_names = parse_peers(args)
@@ -926,8 +1068,13 @@ def main(argv=None) -> int:
         write_csv(args.csv, results, peer_names, roof)
     if args.plot:
         p = torch.cuda.get_device_properties(0)
-        write_plot(args.plot, results, peer_names, roof,
-                   f"{p.name}, {args.dtype}, copy roof {roof / 1e12:.2f} TB/s")
+        write_plot(
+            args.plot,
+            results,
+            peer_names,
+            roof,
+            f"{p.name}, {args.dtype}, copy roof {roof / 1e12:.2f} TB/s",
+        )
     print_table(results, peer_names, roof)
     print("\n== targets (PERF.md) ==")
     for name, verdict, detail in targets_check(results, roof):

@@ -84,8 +84,9 @@ def row_view(K: torch.Tensor):
     n_rows = ((B - 1) * sb + (G - 1) * sg) // D + S_kv
     rows = K.as_strided((n_rows, D), (D, 1))  # keeps K's storage offset
     dev = K.device
-    base = (torch.arange(B, device=dev, dtype=torch.int64).view(B, 1, 1) * (sb // D)
-            + torch.arange(G, device=dev, dtype=torch.int64).view(1, G, 1) * (sg // D))
+    base = torch.arange(B, device=dev, dtype=torch.int64).view(B, 1, 1) * (sb // D) + torch.arange(
+        G, device=dev, dtype=torch.int64
+    ).view(1, G, 1) * (sg // D)
     return rows, base
 
 
@@ -223,8 +224,7 @@ def flex_block_mask(ranges: torch.Tensor, S_kv: int, kv_block: int = 64):
     kwargs = dict(BLOCK_SIZE=(128, kv_block), seq_lengths=(1, S_kv))
     if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
         kwargs["compute_q_blocks"] = False  # forward only: the q-block transpose is not needed
-    return BlockMask.from_kv_blocks(partial_num, partial_indices, full_num, full_indices,
-                                    **kwargs)
+    return BlockMask.from_kv_blocks(partial_num, partial_indices, full_num, full_indices, **kwargs)
 
 
 def make_flex(inp: Inputs) -> MakeResult:

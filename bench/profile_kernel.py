@@ -82,7 +82,7 @@ PHASES = [  # (from slot, to slot, name): the kernel's NSA_SEL_TRACE_MARK points
     (2, 3, "first tile landed"),
     (3, 4, "main loop"),
     (4, 5, "block merge (+ store if unsplit)"),
-    (5, 7, "split: push to owners + cluster barrier"),
+    (5, 7, "split: push to owners + wait for peers"),
     (7, 8, "split: owner combine + store"),
 ]
 
@@ -151,8 +151,18 @@ def gather_roof_fn(tpr):
     import triton.language as tl
 
     @triton.jit
-    def _gather_sum(k_ptr, v_ptr, r_ptr, out_ptr, s_kv, n, tpr, DK: tl.constexpr,
-                    DV: tl.constexpr, CH: tl.constexpr):
+    def _gather_sum(
+        k_ptr,
+        v_ptr,
+        r_ptr,
+        out_ptr,
+        s_kv,
+        n,
+        tpr,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        CH: tl.constexpr,
+    ):
         pid = tl.program_id(0)  # (row, range j, tile t of the range)
         row = pid // (n * tpr)
         j = (pid // tpr) % n
@@ -171,8 +181,9 @@ def gather_roof_fn(tpr):
         B, G, s_kv, dk = K.shape
         n = r.shape[3]
         out = torch.empty(B * G * n * tpr, device=K.device, dtype=torch.float32)
-        _gather_sum[(B * G * n * tpr,)](K, V, r, out, s_kv, n, tpr, DK=dk, DV=V.shape[3],
-                                        CH=2048, num_warps=4)
+        _gather_sum[(B * G * n * tpr,)](
+            K, V, r, out, s_kv, n, tpr, DK=dk, DV=V.shape[3], CH=2048, num_warps=4
+        )
         return out
 
     return fn
@@ -204,8 +215,11 @@ def main():
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--ncu", action="store_true", help="a few eager calls only (for ncu)")
     ap.add_argument("--trace", action="store_true", help="phase breakdown (NSA_SEL_TRACE build)")
-    ap.add_argument("--roof", action="store_true",
-                    help="also time a read-only gather of the same selected bytes (Triton)")
+    ap.add_argument(
+        "--roof",
+        action="store_true",
+        help="also time a read-only gather of the same selected bytes (Triton)",
+    )
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     G, h, dk, dv, s_kv, n = CASES[a.case]
@@ -238,8 +252,7 @@ def main():
     csets = [make_inputs(a.case, a.batch, gen) for _ in range(sets)]
     cold = graph_us(csets, a.calls)
     knob = {
-        k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0")
-        for k in ("splits", "stages", "teams")
+        k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0") for k in ("splits", "stages", "teams")
     }
     tag = " ".join(f"{k}={'auto' if v in ('', '0') else v}" for k, v in knob.items())
     print(
@@ -248,8 +261,10 @@ def main():
     )
     if a.roof:
         g_us = graph_us(csets, a.calls, gather_roof_fn(1 if n > 1 else s_kv // 64))
-        print(f"  gather roof (Triton read-only, same selection, cold): {g_us:.2f} us  "
-              f"-> {sel_bytes / g_us / 1e3:.0f} GB/s")
+        print(
+            f"  gather roof (Triton read-only, same selection, cold): {g_us:.2f} us  "
+            f"-> {sel_bytes / g_us / 1e3:.0f} GB/s"
+        )
 
 
 if __name__ == "__main__":
