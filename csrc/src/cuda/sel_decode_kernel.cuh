@@ -15,8 +15,9 @@
 // accumulation and an online softmax in exp2 form. The warps' states are then merged in shared
 // memory; split blocks push their merged state, a 1/splits share of the output columns to each
 // block of the cluster (st.async into distributed shared memory, counted by the receiver's
-// mbarrier), and each block combines its share in split order, so the result is deterministic. The number of pipeline stages is a launch parameter
-// (shared memory is sized for it), so that blocks of small tiles can fit 4 to an SM.
+// mbarrier), and each block combines its share in split order, so the result is deterministic.
+// The number of pipeline stages is a launch parameter (shared memory is sized for it), so that
+// blocks of small tiles can fit 4 to an SM.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -66,7 +67,8 @@ struct DecodeTraits {
   static constexpr int kChunksV = DV * 2 / 16;
   static constexpr int kHeads = MT * 16;            // padded heads
   // fp32 row stride of the merge buffers: 8 banks between rows, so that the publish's 8-byte
-  // stores (4 rows of 32 bytes per half warp) hit every bank once (DV + 4 hit half the banks twice).
+  // stores (4 rows of 32 bytes per half warp) hit every bank once (DV + 4 hit half the banks
+  // twice).
   static constexpr int kOStride = DV + 8;
 
   static_assert(sizeof(T) == 2, "T must be a 16-bit float type");
@@ -87,8 +89,8 @@ struct DecodeTraits {
   // Split blocks only: the combine's receive area, written by the peers of the cluster at any
   // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
   // then (m, l) [splits][kHeads][2], fp32.
-  // After it, the 8-byte mbarrier that counts the bytes arriving there (16 bytes reserved).
   static constexpr int kRecvBytes = kHeads * DV * 4 + kMaxSplits * kHeads * 2 * 4;
+  // The receive area and, after it, the mbarrier that counts the bytes arriving there.
   static constexpr int kRecvArea = kRecvBytes + 16;
   // K/V stages [teams][stages], later the merge states [teams][kSlices].
   __host__ __device__ static constexpr int off_tok(int stages, int teams) {
@@ -182,7 +184,9 @@ __device__ __forceinline__ void mbar_wait_phase0_cluster(uint64_t* bar) {
 // `rank` of the cluster.
 __device__ __forceinline__ uint32_t map_rank(const void* local, int rank) {
   uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(r)
+               : "r"(smem_addr(local)), "r"(rank));
   return r;
 }
 __device__ __forceinline__ void st_async(uint32_t addr, float4 v, uint32_t bar) {
@@ -350,19 +354,21 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // barrier expects every split's share of the valid heads: O columns and one (m, l) per head.
   // None of it reads an input, so it runs before the wait for the previous kernel, off the
   // critical path; it is done by warp 1, as warp 0 reads the ranges first thing after the wait.
-  uint64_t* recv_bar = reinterpret_cast<uint64_t*>(smem + Tr::off_recv(stages, teams) + Tr::kRecvBytes);
+  uint64_t* recv_bar =
+      reinterpret_cast<uint64_t*>(smem + Tr::off_recv(stages, teams) + Tr::kRecvBytes);
   if (splits > 1) {
     if (tid == 32) {
       mbar_init(recv_bar, 1);
-      const int share_bytes = DV / splits * 4 + 8;
+      // Per split and head: `share` float4 groups of O columns and one float2 (m, l).
+      const int share_bytes = DV / 4 / splits * 16 + 8;
       mbar_arrive_expect_tx(recv_bar, static_cast<uint32_t>(splits * p.h * share_bytes));
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   }
   // Warm L2 (and the TLB) with this row's ranges, its kv_lens entry and Q while the previous
-  // kernel may still be running. A prefetch reads nothing into the program: L2 is the device's point of coherence,
-  // so a line the previous kernel writes afterwards is simply updated there.
+  // kernel may still be running. A prefetch reads nothing into the program: L2 is the device's
+  // point of coherence, so a line the previous kernel writes afterwards is simply updated there.
   {
     const int es = p.index_type == NSA_SEL_I64 ? 8 : 4;
     const int64_t n_pf = p.n < 128 ? p.n : 128;
