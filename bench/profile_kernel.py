@@ -225,6 +225,9 @@ def main():
     G, h, dk, dv, s_kv, n = CASES[a.case]
     L = min(n * 64, s_kv) if n > 1 else s_kv
     sel_bytes = a.batch * G * L * (dk + dv) * 2
+    full_bytes = a.batch * G * s_kv * (dk + dv) * 2
+    # Cold sets: about 256 MB of selected bytes, at most 64 sets and 20 GB of K/V copies.
+    sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
     if a.ncu:
         x = make_inputs(a.case, a.batch, gen)
         for _ in range(3):
@@ -232,9 +235,7 @@ def main():
         torch.cuda.synchronize()
         return
     if a.trace:
-        full_bytes = a.batch * G * s_kv * (dk + dv) * 2
-        sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
-        splits = 16  # the most: blocks past the grid keep zero records and are dropped
+        splits = 8  # the most (kMaxSplits): blocks past the grid keep zero records, dropped
         trace_report(
             [make_inputs(a.case, a.batch, gen) for _ in range(sets)], a.calls, a.batch * G * splits
         )
@@ -247,8 +248,6 @@ def main():
         f"(torch.empty {eager_us(lambda: torch.empty(64, device='cuda')):.1f}, "
         f"add_ {eager_us(lambda: t.add_(1)):.1f})"
     )
-    full_bytes = a.batch * G * s_kv * (dk + dv) * 2
-    sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
     csets = [make_inputs(a.case, a.batch, gen) for _ in range(sets)]
     cold = graph_us(csets, a.calls)
     knob = {
