@@ -36,7 +36,7 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 format:
-	clang-format -i csrc/include/nsa_sel/* csrc/src/*.[ch]pp csrc/src/*.cpp csrc/tests/*.cpp
+	clang-format -i csrc/include/nsa_sel/* csrc/src/*.[ch]pp csrc/src/cuda/*.cu csrc/src/cuda/*.cuh csrc/tests/*.cpp
 	ruff format nsa bench && ruff check --fix nsa bench
 
 clean:

@@ -90,7 +90,10 @@ sanitize=(bash "$root/scripts/gpu_check.sh" --sanitize)
 
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo none)"
+  # The device copy's git metadata can lag its files: the sources hash names the tree that was
+  # built (compare with scripts/source_hash.sh where the change was made).
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo none) (git metadata; may lag the files)"
+  echo "sources: $(bash "$root/scripts/source_hash.sh")"
   nvidia-smi 2>&1 | head -15
   nvcc --version 2>&1 | tail -2
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1

@@ -37,8 +37,9 @@ NsaSelStatus decode_supported(const NsaSelParams& p) {
     return fail(no, "n: the kernel stages at most %" PRId64 " ranges, got %" PRId64, kMaxRanges,
                 p.n);
   if (p.s_kv >= INT32_MAX || (p.n > 0 && p.s_kv > INT32_MAX / p.n))
-    return fail(no, "n * s_kv must stay below 2^31 (token counts are 32-bit), got %" PRId64
-                " * %" PRId64, p.n, p.s_kv);
+    return fail(
+        no, "n * s_kv must stay below 2^31 (token counts are 32-bit), got %" PRId64 " * %" PRId64,
+        p.n, p.s_kv);
   if (p.b * p.g > INT32_MAX / 16)
     return fail(no, "b * g: at most %d rows, got %" PRId64, INT32_MAX / 16, p.b * p.g);
   if (p.q_stride_d != 1 || p.k_stride_d != 1 || p.v_stride_d != 1 || p.o_stride_d != 1)
@@ -51,8 +52,8 @@ NsaSelStatus decode_supported(const NsaSelParams& p) {
   if (!rows16)
     return fail(no, "q, k, v rows must start on 16-byte boundaries (pointers and strides)");
   // Output is stored as pairs of elements (4 bytes).
-  const bool out4 = aligned(p.out, 4) && p.o_stride_b % 2 == 0 && p.o_stride_g % 2 == 0 &&
-                    p.o_stride_h % 2 == 0;
+  const bool out4 =
+      aligned(p.out, 4) && p.o_stride_b % 2 == 0 && p.o_stride_g % 2 == 0 && p.o_stride_h % 2 == 0;
   if (!out4) return fail(no, "out rows must start on 4-byte boundaries (pointer and strides)");
   return ok();
 #endif

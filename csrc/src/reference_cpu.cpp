@@ -14,25 +14,17 @@ namespace {
 
 float load(const void* base, int32_t dtype, int64_t off) {
   switch (dtype) {
-    case NSA_SEL_F16:
-      return half_to_float(static_cast<const uint16_t*>(base)[off]);
-    case NSA_SEL_BF16:
-      return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
-    default:
-      return static_cast<const float*>(base)[off];
+    case NSA_SEL_F16: return half_to_float(static_cast<const uint16_t*>(base)[off]);
+    case NSA_SEL_BF16: return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+    default: return static_cast<const float*>(base)[off];
   }
 }
 
 void store(void* base, int32_t dtype, int64_t off, float x) {
   switch (dtype) {
-    case NSA_SEL_F16:
-      static_cast<uint16_t*>(base)[off] = float_to_half(x);
-      break;
-    case NSA_SEL_BF16:
-      static_cast<uint16_t*>(base)[off] = float_to_bf16(x);
-      break;
-    default:
-      static_cast<float*>(base)[off] = x;
+    case NSA_SEL_F16: static_cast<uint16_t*>(base)[off] = float_to_half(x); break;
+    case NSA_SEL_BF16: static_cast<uint16_t*>(base)[off] = float_to_bf16(x); break;
+    default: static_cast<float*>(base)[off] = x;
   }
 }
 

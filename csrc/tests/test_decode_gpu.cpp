@@ -208,13 +208,12 @@ TEST_P(ParityGrid, MatchesCpuReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Kernel, ParityGrid,
-    ::testing::Combine(::testing::Values(int(NSA_SEL_BF16), int(NSA_SEL_F16)),
-                       ::testing::Values(Dims{64, 64}, Dims{128, 128}, Dims{192, 128},
-                                         Dims{256, 256}),
-                       ::testing::Values(int64_t{1}, int64_t{6}, int64_t{16}, int64_t{33},
-                                         int64_t{64})));
+INSTANTIATE_TEST_SUITE_P(Kernel, ParityGrid,
+                         ::testing::Combine(::testing::Values(int(NSA_SEL_BF16), int(NSA_SEL_F16)),
+                                            ::testing::Values(Dims{64, 64}, Dims{128, 128},
+                                                              Dims{192, 128}, Dims{256, 256}),
+                                            ::testing::Values(int64_t{1}, int64_t{6}, int64_t{16},
+                                                              int64_t{33}, int64_t{64})));
 
 TEST(Decode, EmptySelectionGivesExactZeros) {
   REQUIRE_GPU();
@@ -253,8 +252,10 @@ TEST(Decode, UnselectedNanNeverRead) {
       }
       for (int64_t t = 0; t < pr.s_alloc; ++t) {
         if (t < c.s_kv && sel[t]) continue;
-        for (int64_t d = 0; d < c.d_k; ++d) pr.k[((b * c.g + g) * pr.s_alloc + t) * c.d_k + d] = nan;
-        for (int64_t d = 0; d < c.d_v; ++d) pr.v[((b * c.g + g) * pr.s_alloc + t) * c.d_v + d] = nan;
+        for (int64_t d = 0; d < c.d_k; ++d)
+          pr.k[((b * c.g + g) * pr.s_alloc + t) * c.d_k + d] = nan;
+        for (int64_t d = 0; d < c.d_v; ++d)
+          pr.v[((b * c.g + g) * pr.s_alloc + t) * c.d_v + d] = nan;
       }
     }
   pr.upload();
@@ -333,8 +334,11 @@ TEST(Sanitizer, SmallGrid) {
   // (b, d, n), 2 rows per b: 1 and 5 split with 1 team (n = 5 < 2 tiles per team); 16 with 9
   // ranges: 2 splits and 2 teams (instead of 4 splits); 50 rows of 32 KB tiles: unsplit, 2 teams;
   // 400: the rows fill the GPU, no split, 1 team.
-  for (const auto& [b, d, n] : {std::tuple<int64_t, int64_t, int64_t>{1, 64, 5}, {5, 64, 5},
-                                {16, 64, 9}, {50, 128, 5}, {400, 64, 5}}) {
+  for (const auto& [b, d, n] : {std::tuple<int64_t, int64_t, int64_t>{1, 64, 5},
+                                {5, 64, 5},
+                                {16, 64, 9},
+                                {50, 128, 5},
+                                {400, 64, 5}}) {
     Case c;
     c.b = b;
     c.d_k = c.d_v = d;

@@ -42,21 +42,11 @@ class Buf {
 
   void set(int64_t i, double x) {
     switch (kind_) {
-      case Kind::F16:
-        put<uint16_t>(i, nsa_sel::float_to_half(static_cast<float>(x)));
-        break;
-      case Kind::BF16:
-        put<uint16_t>(i, nsa_sel::float_to_bf16(static_cast<float>(x)));
-        break;
-      case Kind::F32:
-        put<float>(i, static_cast<float>(x));
-        break;
-      case Kind::I32:
-        put<int32_t>(i, static_cast<int32_t>(x));
-        break;
-      case Kind::I64:
-        put<int64_t>(i, static_cast<int64_t>(x));
-        break;
+      case Kind::F16: put<uint16_t>(i, nsa_sel::float_to_half(static_cast<float>(x))); break;
+      case Kind::BF16: put<uint16_t>(i, nsa_sel::float_to_bf16(static_cast<float>(x))); break;
+      case Kind::F32: put<float>(i, static_cast<float>(x)); break;
+      case Kind::I32: put<int32_t>(i, static_cast<int32_t>(x)); break;
+      case Kind::I64: put<int64_t>(i, static_cast<int64_t>(x)); break;
     }
   }
   void set_index(int64_t i, int64_t x) {
@@ -67,16 +57,11 @@ class Buf {
   }
   double get(int64_t i) const {
     switch (kind_) {
-      case Kind::F16:
-        return nsa_sel::half_to_float(take<uint16_t>(i));
-      case Kind::BF16:
-        return nsa_sel::bf16_to_float(take<uint16_t>(i));
-      case Kind::F32:
-        return take<float>(i);
-      case Kind::I32:
-        return take<int32_t>(i);
-      case Kind::I64:
-        return static_cast<double>(take<int64_t>(i));
+      case Kind::F16: return nsa_sel::half_to_float(take<uint16_t>(i));
+      case Kind::BF16: return nsa_sel::bf16_to_float(take<uint16_t>(i));
+      case Kind::F32: return take<float>(i);
+      case Kind::I32: return take<int32_t>(i);
+      case Kind::I64: return static_cast<double>(take<int64_t>(i));
     }
     return 0;
   }

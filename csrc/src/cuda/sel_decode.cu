@@ -60,9 +60,11 @@ std::atomic<long long> g_trace_seq{0};
 }  // namespace
 
 unsigned long long* trace_records() {
-  constexpr size_t kBytes = sizeof(unsigned long long) * kTraceLaunches * kTraceMaxBlocks * kTraceWords;
+  constexpr size_t kBytes =
+      sizeof(unsigned long long) * kTraceLaunches * kTraceMaxBlocks * kTraceWords;
   if (g_trace == nullptr) {
-    if (cudaMalloc(&g_trace, kBytes) != cudaSuccess || cudaMemset(g_trace, 0, kBytes) != cudaSuccess)
+    if (cudaMalloc(&g_trace, kBytes) != cudaSuccess ||
+        cudaMemset(g_trace, 0, kBytes) != cudaSuccess)
       return g_trace = nullptr;
   }
   const long long seq = g_trace_seq.fetch_add(1);
@@ -94,8 +96,7 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what) {
     case cudaErrorECCUncorrectable:
       return fail(NSA_SEL_ERR_CUDA_STICKY, "%s: %s (the CUDA context is no longer usable)", what,
                   cudaGetErrorString(err));
-    default:
-      return fail(NSA_SEL_ERR_CUDA, "%s: %s", what, cudaGetErrorString(err));
+    default: return fail(NSA_SEL_ERR_CUDA, "%s: %s", what, cudaGetErrorString(err));
   }
 }
 
@@ -140,8 +141,8 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
 // (NOTES.md v7-v8): seed D=128 L=256 B=1024 52.6 us with 2 stages against 54.4 with 3 (L=512:
 // 97.5 either way); 2 teams: d128 B=16 17.7 us with 2 stages of 32 KB against 18.4 with 3,
 // m125 B=64 16.6 with 4 stages of 16 KB, 17.6 with 6, 18.7 with 3.
-int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
-                int tile_bytes, int max_stages) {
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
+                int max_stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
   if (forced >= 2) return std::min(forced, max_stages);
   if (teams > 1) return std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);

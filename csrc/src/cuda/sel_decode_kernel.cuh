@@ -40,8 +40,8 @@ constexpr int kMaxSplits = 8;
 
 template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {
-  static constexpr int kTile = 64;                  // tokens per pipeline stage
-  static constexpr int kWarps = MT == 1 ? 4 : 8;    // warps of one team: 128 or 256 threads
+  static constexpr int kTile = 64;                // tokens per pipeline stage
+  static constexpr int kWarps = MT == 1 ? 4 : 8;  // warps of one team: 128 or 256 threads
   static constexpr int kThreads = kWarps * 32;
   // A block holds 1 or kMaxTeams teams (a template parameter of the kernel, so that the one-team
   // kernel carries no team arithmetic). Each team has its own copy of Q, its
@@ -50,7 +50,7 @@ struct DecodeTraits {
   // barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM spends
   // most of each tile in dependent latency.
   static constexpr int kMaxTeams = MT == 1 ? 2 : 1;  // team_sync has barrier ids for 2
-  static constexpr int kSlices = kWarps / MT;       // token slices of a tile
+  static constexpr int kSlices = kWarps / MT;        // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
   // KB of loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
@@ -58,14 +58,15 @@ struct DecodeTraits {
   // launch picks the number (2..kStages, plan_stages) and sizes shared memory for it.
   static constexpr int kTileBytes = kTile * (DK + DV) * 2;
   __host__ __device__ static constexpr int stages_for(int budget_bytes) {
-    return budget_bytes / kTileBytes < 2 ? 2 : budget_bytes / kTileBytes > 6 ? 6
-                                                                           : budget_bytes / kTileBytes;
+    return budget_bytes / kTileBytes < 2   ? 2
+           : budget_bytes / kTileBytes > 6 ? 6
+                                           : budget_bytes / kTileBytes;
   }
   static constexpr int kStages = stages_for(200 * 1024);
-  static constexpr int kTokBufs = kStages + 1;      // token-index buffers (see the main loop)
-  static constexpr int kChunksK = DK * 2 / 16;      // 16-byte chunks per K row
+  static constexpr int kTokBufs = kStages + 1;  // token-index buffers (see the main loop)
+  static constexpr int kChunksK = DK * 2 / 16;  // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;
-  static constexpr int kHeads = MT * 16;            // padded heads
+  static constexpr int kHeads = MT * 16;  // padded heads
   // fp32 row stride of the merge buffers: 8 banks between rows, so that the publish's 8-byte
   // stores (4 rows of 32 bytes per half warp) hit every bank once (DV + 4 hit half the banks
   // twice).
@@ -83,8 +84,8 @@ struct DecodeTraits {
   static constexpr int kKStageBytes = kTile * DK * 2;  // a stage: K rows, then V rows
   // After the main loop the K/V stages are reused for the merges.
   static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
-  static constexpr int kMergeBytes = kSlices * kStateBytes;  // per team
-  static constexpr int kOffQ = 0;                             // Q [teams]
+  static constexpr int kMergeBytes = kSlices * kStateBytes;        // per team
+  static constexpr int kOffQ = 0;                                  // Q [teams]
   __host__ __device__ static constexpr int off_kv(int teams) { return kOffQ + teams * kQBytes; }
   // Split blocks only: the combine's receive area, written by the peers of the cluster at any
   // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
@@ -94,8 +95,8 @@ struct DecodeTraits {
   static constexpr int kRecvArea = kRecvBytes + 16;
   // K/V stages [teams][stages], later the merge states [teams][kSlices].
   __host__ __device__ static constexpr int off_tok(int stages, int teams) {
-    return off_kv(teams) + teams * (stages * kTileBytes > kMergeBytes ? stages * kTileBytes
-                                                                      : kMergeBytes);
+    return off_kv(teams) +
+           teams * (stages * kTileBytes > kMergeBytes ? stages * kTileBytes : kMergeBytes);
   }
   __host__ __device__ static constexpr int off_recv(int stages, int teams) {
     return off_tok(stages, teams) + teams * kTokBufs * kTile * 4;
@@ -228,8 +229,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                 uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
@@ -306,7 +307,7 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int DK, int DV, int MT, int TEAMS>
-__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
+__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
                       const int stages, unsigned long long* trace) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
@@ -324,8 +325,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
                    team * Tr::kTokBufs * Tr::kTile;  // this team's [kTokBufs][64]
   int32_t* excl_s =
       reinterpret_cast<int32_t*>(smem + Tr::off_ranges(stages, splits, teams));  // [n]
-  int32_t* key_s = excl_s + p.n;                                            // [n]
-  int32_t* total_s = key_s + p.n;                                           // [1]
+  int32_t* key_s = excl_s + p.n;                                                 // [n]
+  int32_t* total_s = key_s + p.n;                                                // [1]
 
   unsigned long long* trace_rec =
       trace != nullptr && blockIdx.x < kTraceMaxBlocks ? trace + blockIdx.x * kTraceWords : nullptr;
@@ -463,7 +464,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
         int lo = 0, hi = n_ranges;  // upper_bound(excl, pos) - 1: the last range starting <= pos
         while (lo < hi) {
           const int mid = (lo + hi) >> 1;
-          if (excl_s[mid] <= pos) lo = mid + 1; else hi = mid;
+          if (excl_s[mid] <= pos)
+            lo = mid + 1;
+          else
+            hi = mid;
         }
         tok = key_s[lo - 1] + pos;
       }
@@ -485,8 +489,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       const int r = ld_row + pass * kRowsPerPass;
       const int t = tok[r];
       const bool valid = t >= 0;
-      const T* k_src = k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (ttid & 7) * 8;
-      const T* v_src = v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
+      const T* k_src =
+          k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (ttid & 7) * 8;
+      const T* v_src =
+          v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
       unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
       unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
 #pragma unroll
@@ -515,8 +521,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   int st_use = 0;            // stage of tile it
   int st_fill = stages - 1;  // stage of tile it + stages - 1
 
-  const int lr = lane & 7;          // row within an 8x8 ldmatrix matrix
-  const int lm = lane >> 3;         // which of the 4 matrices this lane addresses
+  const int lr = lane & 7;   // row within an 8x8 ldmatrix matrix
+  const int lm = lane >> 3;  // which of the 4 matrices this lane addresses
   const int tok0 = slice * Tr::kTokPerWarp;
 
   // The warp's Q fragments (16 heads x DK) are the same for every tile: in the two-team kernel
@@ -530,8 +536,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   constexpr bool kQInRegs = TEAMS > 1 && MT == 1 && DK <= 192;
   uint32_t q_frag[kQInRegs ? DK / 16 : 1][4];
   auto load_q = [&](int kk, uint32_t (&a)[4]) {
-    ldmatrix_x4(a, smem_addr(q_s + swz(mt * 16 + lr + 8 * (lm & 1), 2 * kk + (lm >> 1),
-                                       Tr::kChunksK)));
+    ldmatrix_x4(
+        a, smem_addr(q_s + swz(mt * 16 + lr + 8 * (lm & 1), 2 * kk + (lm >> 1), Tr::kChunksK)));
   };
 
   for (int it = 0; it < rounds; ++it) {
@@ -574,13 +580,13 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     for (int kk = 0; kk < DK / 16; ++kk) {
       uint32_t a_smem[4];
       if constexpr (!kQInRegs) load_q(kk, a_smem);
-      const uint32_t(&a)[4] = kQInRegs ? q_frag[kQInRegs ? kk : 0] : a_smem;
+      const uint32_t (&a)[4] = kQInRegs ? q_frag[kQInRegs ? kk : 0] : a_smem;
 #pragma unroll
       for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
         uint32_t kb[4];
         ldmatrix_x4(kb, smem_addr(k_st + swz(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
                                              2 * kk + (lm & 1), Tr::kChunksK)));
-        float(&acc)[kNB][4] = s[kk % kChains];
+        float (&acc)[kNB][4] = s[kk % kChains];
         mma16816<T>(acc[2 * nb2], a, kb[0], kb[1]);
         mma16816<T>(acc[2 * nb2 + 1], a, kb[2], kb[3]);
       }
@@ -592,7 +598,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[0][i][e] += s[c][i][e];
 
-    float(&s0)[kNB][4] = s[0];
+    float (&s0)[kNB][4] = s[0];
     // Online softmax (log2 domain). Positions past the selection are -inf, so their p is 0 and
     // their zero-filled V rows contribute exactly nothing.
 #pragma unroll
@@ -762,8 +768,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // on that barrier alone (no cluster-wide barrier: it needs its data, not its peers' progress),
   // then weighs the splits' states of its columns in split order (deterministic) and stores.
   // Nobody reads a peer's memory, and a block exits only once everything sent to it has landed.
-  float* recv_o = reinterpret_cast<float*>(smem + Tr::off_recv(stages, teams));  // [splits][kHeads][DV/splits]
-  float* recv_ml = recv_o + Tr::kHeads * DV;                       // [splits][kHeads][2]
+  float* recv_o =
+      reinterpret_cast<float*>(smem + Tr::off_recv(stages, teams));  // [splits][kHeads][DV/splits]
+  float* recv_ml = recv_o + Tr::kHeads * DV;                         // [splits][kHeads][2]
   const int share = kGroups / splits;  // column groups per owner (splits divides kGroups)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started
   NSA_SEL_TRACE_MARK(5);

@@ -26,8 +26,8 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
 // Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
-int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams,
-                int tile_bytes, int max_stages);
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
+                int max_stages);
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams);
 
@@ -86,14 +86,14 @@ bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int sm
     return false;
   }
   if (cached)
-    cache[device][slot].store(static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(clusters + 1),
-                              std::memory_order_relaxed);
+    cache[device][slot].store(
+        static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(clusters + 1),
+        std::memory_order_relaxed);
   return rows <= clusters;
 }
 
 template <typename T, int DK, int DV, int MT>
-NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev,
-                    cudaStream_t stream) {
+NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   // The one-team kernel and, where a block can hold two teams, the two-team kernel.
   auto kernel1 = sel_decode_kernel<T, DK, DV, MT, 1>;
@@ -197,16 +197,16 @@ NsaSelStatus dispatch_heads(const NsaSelParams& p, int device, const DeviceInfo&
 }
 
 // One explicit instantiation per (d_k, d_v) pair and dtype lives in sel_decode_d*.cu.
-#define NSA_SEL_DECLARE_DIMS(DK, DV)                                                          \
-  extern template NsaSelStatus dispatch_heads<__half, DK, DV>(const NsaSelParams&, int,       \
+#define NSA_SEL_DECLARE_DIMS(DK, DV)                                                            \
+  extern template NsaSelStatus dispatch_heads<__half, DK, DV>(const NsaSelParams&, int,         \
                                                               const DeviceInfo&, cudaStream_t); \
-  extern template NsaSelStatus dispatch_heads<__nv_bfloat16, DK, DV>(                         \
+  extern template NsaSelStatus dispatch_heads<__nv_bfloat16, DK, DV>(                           \
       const NsaSelParams&, int, const DeviceInfo&, cudaStream_t);
-#define NSA_SEL_INSTANTIATE_DIMS(DK, DV)                                                \
-  template NsaSelStatus dispatch_heads<__half, DK, DV>(const NsaSelParams&, int,        \
+#define NSA_SEL_INSTANTIATE_DIMS(DK, DV)                                                 \
+  template NsaSelStatus dispatch_heads<__half, DK, DV>(const NsaSelParams&, int,         \
                                                        const DeviceInfo&, cudaStream_t); \
-  template NsaSelStatus dispatch_heads<__nv_bfloat16, DK, DV>(                          \
-      const NsaSelParams&, int, const DeviceInfo&, cudaStream_t);
+  template NsaSelStatus dispatch_heads<__nv_bfloat16, DK, DV>(const NsaSelParams&, int,  \
+                                                              const DeviceInfo&, cudaStream_t);
 
 NSA_SEL_DECLARE_DIMS(64, 64)
 NSA_SEL_DECLARE_DIMS(128, 128)
