@@ -87,8 +87,10 @@ PHASES = [  # (from slot, to slot, name): the kernel's NSA_SEL_TRACE_MARK points
 ]
 
 
-def trace_report(sets, calls, blocks):
-    """Phase breakdown of the last `calls` launches (one graph replay of cold sets)."""
+def trace_report(sets, calls, blocks, sel_bytes=0):
+    """Phase breakdown of the last `calls` launches (one graph replay of cold sets), and a
+    timeline of one call: blocks resident and the streaming rate, each block's share of
+    `sel_bytes` spread evenly over its loads (ranges done -> loop end)."""
     import ctypes
 
     import numpy as np
@@ -140,6 +142,23 @@ def trace_report(sets, calls, blocks):
         f"  block end after the first wait   p10 {e[0]:.2f} p50 {e[1]:.2f} p90 {e[2]:.2f} us\n"
         f"  previous call's last end -> first wait done  median {np.median(gaps):7.2f} us"
     )
+    r = recs[len(recs) // 2]
+    if r.size and sel_bytes:
+        t1, nbk = r[:, 1].min(), 16
+        t_end = r[:, 6].max()
+        edges = t1 + (t_end - t1) * np.arange(nbk + 1) / nbk
+        per_block = sel_bytes / r.shape[0]
+        lo, hi = r[:, 2], np.maximum(r[:, 4], r[:, 2] + 1)
+        cells = []
+        for k in range(nbk):
+            a, b = edges[k], edges[k + 1]
+            live = int(((r[:, 1] < b) & (r[:, 6] > a)).sum())
+            ov = np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0, None) / (hi - lo)
+            tbs = (ov * per_block).sum() / max(b - a, 1) / 1e3  # bytes / ns -> TB/s
+            cells.append(f"{(a - t1) / 1e3:5.1f}:{live:4d}/{tbs:4.2f}")
+        print("  timeline of one call (start us: resident blocks / est. TB/s streamed):")
+        for k in range(0, nbk, 4):
+            print("    " + "  ".join(cells[k : k + 4]))
 
 
 def gather_roof_fn(tpr):
@@ -237,7 +256,10 @@ def main():
     if a.trace:
         splits = 8  # the most (kMaxSplits): blocks past the grid keep zero records, dropped
         trace_report(
-            [make_inputs(a.case, a.batch, gen) for _ in range(sets)], a.calls, a.batch * G * splits
+            [make_inputs(a.case, a.batch, gen) for _ in range(sets)],
+            a.calls,
+            a.batch * G * splits,
+            sel_bytes,
         )
         return
     x = make_inputs(a.case, a.batch, gen)
