@@ -108,6 +108,13 @@ int debug_knob(const char* name) {
 }
 }  // namespace
 
+// Rounds of the main loop before its end at which each block lets the next kernel in the stream
+// launch (programmatic dependent launch).
+int plan_pdl_lead() {
+  static const int forced = debug_knob("NSA_SEL_DEBUG_PDL_LEAD");
+  return forced > 0 ? forced : 2;
+}
+
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
 // power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could

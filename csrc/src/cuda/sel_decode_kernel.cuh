@@ -309,7 +309,7 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 template <typename T, int DK, int DV, int MT, int TEAMS>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
-                      const int stages, unsigned long long* trace) {
+                      const int stages, const int pdl_lead, unsigned long long* trace) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
   static_assert(TEAMS >= 1 && TEAMS <= Tr::kMaxTeams, "unsupported team count");
   constexpr int teams = TEAMS;
@@ -382,10 +382,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
     for (int c = tid; c < q_lines; c += nthreads)
       prefetch_l2(q_row + (c / kLines) * p.q_stride_h + (c % kLines) * 64);
   }
-  // Programmatic dependent launch: let the next kernel in the stream start launching now, and
-  // wait until the previous one has completed (and its writes are visible) before reading any
-  // input. Both are no-ops when the launch did not opt in.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // Programmatic dependent launch: wait until the previous kernel has completed (and its writes
+  // are visible) before reading any input. The next kernel is let in later, `pdl_lead` rounds
+  // before the end of the main loop (griddepcontrol.launch_dependents there). Both are no-ops
+  // when the launch did not opt in.
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
   NSA_SEL_TRACE_MARK(1);
@@ -428,6 +428,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
       carry += __shfl_sync(0xffffffffu, incl, 31);
     }
     if (lane == 0) *total_s = carry;
+    NSA_SEL_TRACE_MARK(9);
   }
 
   // Q of all (padded) heads, one copy per team; heads >= h are zero-filled and never stored.
@@ -540,7 +541,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
         a, smem_addr(q_s + swz(mt * 16 + lr + 8 * (lm & 1), 2 * kk + (lm >> 1), Tr::kChunksK)));
   };
 
+  // The next kernel in the stream may start launching once every block has passed this round
+  // (or exited): late enough that its blocks do not sit on SMs for the whole of this kernel,
+  // with their L2 prefetches of ranges and Q evicted by the time they read them, and early
+  // enough to hide its launch.
+  const int trigger_round = rounds > pdl_lead ? rounds - pdl_lead : 0;
   for (int it = 0; it < rounds; ++it) {
+#ifdef NSA_SEL_HAS_CLUSTERS
+    if (it == trigger_round) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
     // Token indices for tile it + stages - 1 go to a buffer nobody reads now (kTokBufs =
     // kStages + 1 > stages); the barrier then also guarantees every warp of the team finished
     // computing tile it - 1, whose K/V stage (st_fill) is refilled.

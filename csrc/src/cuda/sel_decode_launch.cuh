@@ -31,6 +31,9 @@ int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int te
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams);
 
+// Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
+int plan_pdl_lead();
+
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
 
@@ -174,9 +177,10 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   cfg.attrs = attr;
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
+  const int pdl_lead = plan_pdl_lead();
   const cudaError_t launch_err =
-      teams > 1 ? cudaLaunchKernelEx(&cfg, kernel2, p, scale_log2, splits, stages, trace)
-                : cudaLaunchKernelEx(&cfg, kernel1, p, scale_log2, splits, stages, trace);
+      teams > 1 ? cudaLaunchKernelEx(&cfg, kernel2, p, scale_log2, splits, stages, pdl_lead, trace)
+                : cudaLaunchKernelEx(&cfg, kernel1, p, scale_log2, splits, stages, pdl_lead, trace);
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
