@@ -83,6 +83,10 @@ PHASES = [  # (from slot, to slot, name): the kernel's NSA_SEL_TRACE_MARK points
     (2, 3, "first tile landed"),
     (3, 4, "main loop"),
     (4, 5, "block merge (+ store if unsplit)"),
+    (4, 10, "  team 1's loop end after team 0's"),
+    (4, 11, "  both teams' loops done"),
+    (11, 12, "  publish warp states"),
+    (12, 5, "  merge (+ store)"),
     (5, 7, "split: push to owners + wait for peers"),
     (7, 8, "split: owner combine + store"),
 ]
