@@ -286,8 +286,8 @@ __device__ __forceinline__ void merge_weights(float m, float m2, float& w, float
 constexpr int kTraceMaxBlocks = 2048;
 constexpr int kTraceWords = 32;
 #ifdef NSA_SEL_TRACE
-__device__ __forceinline__ void trace_mark(unsigned long long* rec, int i, unsigned by = 0) {
-  if (rec != nullptr && threadIdx.x == by) {
+__device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
+  if (rec != nullptr && threadIdx.x == 0) {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     rec[i] = t;
@@ -300,10 +300,8 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i, unsig
   }
 }
 #define NSA_SEL_TRACE_MARK(i) trace_mark(trace_rec, i)
-#define NSA_SEL_TRACE_MARK_BY(i, thread) trace_mark(trace_rec, i, thread)
 #else
 #define NSA_SEL_TRACE_MARK(i) ((void)0)
-#define NSA_SEL_TRACE_MARK_BY(i, thread) ((void)0)
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -667,7 +665,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
   }
   cp_async_wait<0>();
   NSA_SEL_TRACE_MARK(4);
-  if constexpr (TEAMS > 1) NSA_SEL_TRACE_MARK_BY(10, Tr::kThreads);  // team 1's loop end
 
   // Row sums were per thread; a quad holds one row.
 #pragma unroll
