@@ -306,10 +306,13 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 
 // ---------------------------------------------------------------------------------------------
 
+// (clang-format reads the product in __launch_bounds__ as a pointer type.)
+// clang-format off
 template <typename T, int DK, int DV, int MT, int TEAMS>
-__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
+__global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
                       const int stages, const int pdl_lead, unsigned long long* trace) {
+  // clang-format on
   using Tr = DecodeTraits<T, DK, DV, MT>;
   static_assert(TEAMS >= 1 && TEAMS <= Tr::kMaxTeams, "unsupported team count");
   constexpr int teams = TEAMS;
@@ -542,9 +545,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads* TEAMS)
   };
 
   // The next kernel in the stream may start launching once every block has passed this round
-  // (or exited): late enough that its blocks do not sit on SMs for the whole of this kernel,
-  // with their L2 prefetches of ranges and Q evicted by the time they read them, and early
-  // enough to hide its launch.
+  // (or exited): late enough that its blocks do not sit on free SMs for the whole of this
+  // kernel (at nsa27b B=16 they waited 20 us), early enough to hide its launch. Measured on the
+  // H100 against the trigger at entry (NOTES.md v11): nsa27b B=1 6.1 -> 5.9 us, d128 B=64
+  // 52.3 -> 51.8; a lead of 1 or 4 rounds was slower than 2 at nsa27b B=16.
   const int trigger_round = rounds > pdl_lead ? rounds - pdl_lead : 0;
   for (int it = 0; it < rounds; ++it) {
 #ifdef NSA_SEL_HAS_CLUSTERS
