@@ -263,6 +263,47 @@ TEST(Decode, UnselectedNanNeverRead) {
   expect_close(pr, got, pr.run_cpu());
 }
 
+// Scores that climb along the selection (K rows scaled by a ramp over the tokens, rising in
+// group 0, falling in group 1): the online softmax's running maximum moves at nearly every tile
+// in some rows and never after the first in others, over 16 tiles per row, in a grid of more
+// blocks than SMs. A few tokens dominate such rows, so V is scaled by 1/4 to keep the output's
+// own rounding (one bf16 ulp of values near 1) well inside the mean-error bar; a missed or
+// doubled rescale of O would still be off by far more.
+TEST(Decode, GrowingScoresAcrossTiles) {
+  REQUIRE_GPU();
+  for (const int dtype : {int(NSA_SEL_BF16), int(NSA_SEL_F16)}) {
+    Case c;
+    c.dtype = dtype;
+    c.b = 100;
+    c.g = 2;
+    c.s_kv = 1024;
+    c.n = 1;
+    Problem pr(c, 21);
+    for (int64_t row = 0; row < c.b * c.g; ++row) {
+      pr.ranges[2 * row] = 0;
+      pr.ranges[2 * row + 1] = c.s_kv;
+      const bool rising = row % c.g == 0;
+      for (int64_t t = 0; t < c.s_kv; ++t) {
+        const float x = static_cast<float>(rising ? t : c.s_kv - 1 - t) / c.s_kv;
+        const float ramp = 0.25f + 6.f * x;
+        for (int64_t d = 0; d < c.d_k; ++d) {
+          uint16_t& e = pr.k[(row * pr.s_alloc + t) * c.d_k + d];
+          const float f = pr.to_f(e) * ramp;
+          e = dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
+        }
+        for (int64_t d = 0; d < c.d_v; ++d) {
+          uint16_t& e = pr.v[(row * pr.s_alloc + t) * c.d_v + d];
+          const float f = pr.to_f(e) * 0.25f;
+          e = dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
+        }
+      }
+    }
+    pr.upload();
+    SCOPED_TRACE(dtype == NSA_SEL_BF16 ? "bf16" : "f16");
+    expect_close(pr, pr.run_gpu(), pr.run_cpu());
+  }
+}
+
 TEST(Decode, RepeatedRunsAreBitwiseEqual) {
   REQUIRE_GPU();
   Case c;
