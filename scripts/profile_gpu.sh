@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Tuning runs on the GPU machine: for each CASE:BATCH[:SPLITS[:STAGES[:TEAMS]]] in $PROFILE_CASES
-# (forcing the split count, pipeline stages and warp teams through NSA_SEL_DEBUG_SPLITS / _STAGES
-# / _TEAMS; an empty or 0 field keeps the planner's choice), the kernel's graph time
+# Tuning runs on the GPU machine: for each CASE:BATCH[:SPLITS[:STAGES[:TEAMS[:PDL_LEAD]]]] in
+# $PROFILE_CASES (forcing the split count, pipeline stages, warp teams and the PDL trigger's lead
+# through NSA_SEL_DEBUG_SPLITS / _STAGES / _TEAMS / _PDL_LEAD; an empty or 0 field keeps the
+# planner's choice), the kernel's graph time
 # (warm and L2-cold, bench/profile_kernel.py with build-gpu/libnsa_sel.so) and its phase trace
 # (a second build with -DNSA_SEL_TRACE=ON in build-trace). Run after gpu_check.sh has built
 # build-gpu (STEPS="configure build" is enough). NO_TRACE=1 skips the traces; ROOF=1 also times a
@@ -19,9 +20,9 @@ if [[ -z "${NO_TRACE:-}" ]]; then
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" NSA_SEL_CUDA=1 NSA_SEL_CUDA_STRICT=1
 for c in $cases; do
-  IFS=: read -r case_name batch splits stages teams <<<"$c"
+  IFS=: read -r case_name batch splits stages teams lead <<<"$c"
   knobs=(NSA_SEL_DEBUG_SPLITS="${splits:-0}" NSA_SEL_DEBUG_STAGES="${stages:-0}"
-         NSA_SEL_DEBUG_TEAMS="${teams:-0}")
+         NSA_SEL_DEBUG_TEAMS="${teams:-0}" NSA_SEL_DEBUG_PDL_LEAD="${lead:-0}")
   echo "--- $c"
   env "${knobs[@]}" NSA_SEL_LIB="$root/build-gpu/libnsa_sel.so" \
     python3 bench/profile_kernel.py --case "$case_name" --batch "$batch" ${ROOF:+--roof} ||
