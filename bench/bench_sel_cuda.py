@@ -946,7 +946,7 @@ def header(roof_bps: Optional[float]) -> str:
     if roof_bps:
         lines.append(
             f"# copy roof (device-to-device, read+write counted): {roof_bps / 1e12:.3f} "
-            f"TB/s (PERF.md: 2.88-3.01 on the H100; 4.07 measured on the H200, NOTES.md)"
+            f"TB/s (PERF.md: 2.88-3.01 on the H100; 4.07-4.18 measured on the H200, NOTES.md)"
         )
     try:
         from nsa.kernels.cuda_sel_kernel import kernel_status
