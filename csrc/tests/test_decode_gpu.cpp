@@ -52,16 +52,13 @@ struct Problem {
   explicit Problem(const Case& cc, uint64_t seed) : c(cc), s_alloc(cc.s_kv + cc.kv_pad) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.f, 1.f);
-    auto cvt = [&](float f) {
-      return c.dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
-    };
     q.resize(c.b * c.g * c.h * c.d_k);
     k.resize(c.b * c.g * s_alloc * c.d_k);
     v.resize(c.b * c.g * s_alloc * c.d_v);
     out.assign(c.b * c.g * c.h * c.d_v, 0);
-    for (auto& x : q) x = cvt(normal(rng));
-    for (auto& x : k) x = cvt(normal(rng));
-    for (auto& x : v) x = cvt(normal(rng));
+    for (auto& x : q) x = from_f(normal(rng));
+    for (auto& x : k) x = from_f(normal(rng));
+    for (auto& x : v) x = from_f(normal(rng));
     kv_lens.resize(c.b);
     std::uniform_int_distribution<int64_t> len_d(std::max<int64_t>(c.s_kv / 2, 0), c.s_kv);
     for (auto& l : kv_lens) l = c.kv_lens ? len_d(rng) : c.s_kv;
@@ -147,6 +144,9 @@ struct Problem {
 
   float to_f(uint16_t x) const {
     return c.dtype == NSA_SEL_BF16 ? nsa_sel::bf16_to_float(x) : nsa_sel::half_to_float(x);
+  }
+  uint16_t from_f(float f) const {
+    return c.dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
   }
 };
 
@@ -288,13 +288,11 @@ TEST(Decode, GrowingScoresAcrossTiles) {
         const float ramp = 0.25f + 6.f * x;
         for (int64_t d = 0; d < c.d_k; ++d) {
           uint16_t& e = pr.k[(row * pr.s_alloc + t) * c.d_k + d];
-          const float f = pr.to_f(e) * ramp;
-          e = dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
+          e = pr.from_f(pr.to_f(e) * ramp);
         }
         for (int64_t d = 0; d < c.d_v; ++d) {
           uint16_t& e = pr.v[(row * pr.s_alloc + t) * c.d_v + d];
-          const float f = pr.to_f(e) * 0.25f;
-          e = dtype == NSA_SEL_BF16 ? nsa_sel::float_to_bf16(f) : nsa_sel::float_to_half(f);
+          e = pr.from_f(pr.to_f(e) * 0.25f);
         }
       }
     }
