@@ -7,6 +7,9 @@
 2. The pieces of one call, each timed alone over 3000 back-to-back calls: argument validation,
    the output allocation, packing NsaSelParams, the C validation and the C launch through ctypes
    (planning + cudaLaunchKernelEx), and one tiny torch op for scale.
+3. With --after-bench CASE:B,...: the same after each of those benchmark shapes has run in this
+   process with its peers (bench_sel_cuda.run_case), plus a cProfile of 2000 calls, to see what
+   the benchmark process accumulates that slows an eager call.
 Needs a CUDA device and the library (NSA_SEL_LIB); NOTES.md quotes its H200 figures.
 """
 
@@ -103,13 +106,111 @@ def pieces(case: str, batch: int, gen, calls: int = 3000) -> list:
     return rows
 
 
+def profile_calls(case: str, batch: int, gen, calls: int = 2000, top: int = 12) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    Q, K, V, r = make_inputs(case, batch, gen)
+    for _ in range(100):
+        ck.selection_attention_cuda(Q, K, V, r)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    gc.collect()
+    gc.freeze()
+    try:
+        prof.enable()
+        for _ in range(calls):
+            ck.selection_attention_cuda(Q, K, V, r)
+        prof.disable()
+    finally:
+        gc.unfreeze()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def after_bench(spec: str, case: str, batch: int, gen) -> None:
+    import bench_sel_cuda as bench
+    import peers as peerlib
+
+    os.environ["NSA_SEL_CUDA"] = "1"
+    os.environ["NSA_SEL_CUDA_STRICT"] = "1"
+    roof = bench.measure_copy_roof()
+
+    def report(when: str) -> None:
+        print(f"== {when}: {bursts(case, batch, 1, gen)}", flush=True)
+        print("\n".join(pieces(case, batch, gen, calls=1000)), flush=True)
+        print(profile_calls(case, batch, gen), flush=True)
+
+    report("fresh process")
+    for item in spec.split(","):
+        name, b = item.split(":")
+        c = bench.model_case(name, int(b))
+        t0 = time.perf_counter()
+        res = bench.run_case(c, torch.bfloat16, list(peerlib.PEER_NAMES), roof)
+        print(
+            f"ran {c.label()} with peers in {time.perf_counter() - t0:.1f} s: bench eager "
+            f"{res.eager_us} us, graph {res.graph_us} us",
+            flush=True,
+        )
+        report(f"after {item}")
+
+
+def bench_eager(spec: str) -> None:
+    """The benchmark's own eager timing (bench_sel_cuda.time_eager) on its rotated inputs, against
+    the same with one input set and with a longer warm-up, several times over, in one process."""
+    import bench_sel_cuda as bench
+
+    for item in spec.split(","):
+        name, b = item.split(":")
+        c = bench.model_case(name, int(b))
+        inp = bench.make_inputs(c, torch.bfloat16, "cuda", bench.free_bytes())
+
+        def call(r):
+            K, V = inp.kv(r)
+            return ck.selection_attention_cuda(inp.Q[r], K, V, inp.ranges[r], scale=inp.scale)
+
+        def spin(seconds):
+            t0 = time.perf_counter()
+            k = 0
+            while time.perf_counter() - t0 < seconds:
+                call(k % inp.R)
+                k += 1
+            torch.cuda.synchronize()
+
+        for rep in range(3):
+            a = bench.time_eager(call, inp.R)
+            b1 = bench.time_eager(call, 1)
+            spin(0.05)
+            w = bench.time_eager(call, inp.R)
+            time.sleep(0.05)
+            s = bench.time_eager(call, inp.R)
+            print(
+                f"{item} R={inp.R} rep {rep}: time_eager {a:.1f} us, one set {b1:.1f}, after 50 ms "
+                f"of calls {w:.1f}, after 50 ms asleep {s:.1f}",
+                flush=True,
+            )
+        del inp
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="m125", choices=CASES)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sets", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--after-bench", default="", metavar="CASE:B,...")
+    ap.add_argument("--bench-eager", default="", metavar="CASE:B,...")
     a = ap.parse_args()
+    if a.bench_eager:
+        bench_eager(a.bench_eager)
+        return
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if a.after_bench:
+        after_bench(a.after_bench, a.case, a.batch, gen)
+        return
     for n in a.sets:
         print(bursts(a.case, a.batch, n, gen), flush=True)
     print(f"{a.case} B={a.batch}, each piece alone over 3000 calls:")
