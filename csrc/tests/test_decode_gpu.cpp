@@ -215,6 +215,44 @@ INSTANTIATE_TEST_SUITE_P(Kernel, ParityGrid,
                                             ::testing::Values(int64_t{1}, int64_t{6}, int64_t{16},
                                                               int64_t{33}, int64_t{64})));
 
+// Many more rows than resident blocks (several waves), mixed with sequences whose cache is still
+// empty (kv_len 0: their rows select nothing and must come out as exact zeros), rows of 0 to 6
+// tiles and rows cut short by kv_lens. With the row-persistent kernel of the v12 experiment
+// (NSA_SEL_DEBUG_ROWS, NOTES.md) each block streamed several such rows back to back.
+TEST(Decode, ManyRowsPerBlock) {
+  REQUIRE_GPU();
+  uint64_t seed = 101;
+  for (const auto& [b, s_kv, n, d_k, d_v, h, dtype] :
+       {std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>{
+            500, 256, 4, 64, 64, 16, NSA_SEL_BF16},
+        {160, 500, 8, 192, 128, 5, NSA_SEL_F16}}) {
+    Case c;
+    c.dtype = dtype;
+    c.b = b;
+    c.g = 2;
+    c.s_kv = s_kv;
+    c.n = n;
+    c.d_k = d_k;
+    c.d_v = d_v;
+    c.h = h;
+    c.kv_lens = true;
+    c.int64_ranges = dtype == NSA_SEL_F16;
+    c.kv_pad = 8;
+    Problem pr(c, seed++);
+    for (int64_t i = 0; i < c.b; i += 17) pr.kv_lens[i] = 0;
+    pr.upload();
+    const auto got = pr.run_gpu();
+    const auto ref = pr.run_cpu();
+    SCOPED_TRACE(::testing::Message() << "b=" << c.b << " s_kv=" << c.s_kv << " n=" << c.n
+                                      << " h=" << c.h << " dk=" << c.d_k);
+    expect_close(pr, got, ref);
+    const int64_t per_b = c.g * c.h * c.d_v;
+    for (int64_t i = 0; i < c.b; i += 17)
+      for (int64_t e = 0; e < per_b; ++e)
+        ASSERT_EQ(got[i * per_b + e], 0) << "row of sequence " << i << " (kv_len 0) not zero";
+  }
+}
+
 TEST(Decode, EmptySelectionGivesExactZeros) {
   REQUIRE_GPU();
   Case c;
@@ -390,6 +428,24 @@ TEST(Sanitizer, SmallGrid) {
     pr.upload();
     expect_close(pr, pr.run_gpu(), pr.run_cpu());
   }
+}
+
+// The row-persistent kernel under the sanitizers (gpu_check runs them again with
+// NSA_SEL_DEBUG_ROWS=2): 1600 rows of 0 to 6 tiles of 16 KB, so that blocks take 3 or 4 rows and
+// row boundaries fall at every pipeline distance.
+TEST(Sanitizer, ManyRows) {
+  REQUIRE_GPU();
+  Case c;
+  c.b = 800;
+  c.g = 2;
+  c.h = 16;
+  c.s_kv = 150;
+  c.n = 5;
+  c.kv_lens = true;
+  Problem pr(c, 7);
+  for (int64_t b = 0; b < c.b; b += 13) pr.kv_lens[b] = 0;
+  pr.upload();
+  expect_close(pr, pr.run_gpu(), pr.run_cpu());
 }
 
 }  // namespace
