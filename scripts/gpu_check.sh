@@ -46,7 +46,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build ctest rows rows_racecheck rows_memcheck pytest memcheck racecheck initcheck bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build ctest pytest memcheck racecheck initcheck bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -106,11 +106,6 @@ step configure 90 cmake -S . -B "$build" "${generator[@]}" -DNSA_SEL_WITH_CUDA=O
   -DNSA_SEL_CUDA_ARCHS="$archs" -DNSA_SEL_GTEST_SOURCE_DIR="$gtest_dir"
 step build 240 cmake --build "$build" -j"$jobs"
 step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
-# The row-persistent kernel (an experiment; NOTES.md v12) wherever it applies: the GPU suite and
-# the sanitizers again with it forced on.
-step rows 150 env NSA_SEL_DEBUG_ROWS=2 "$build/nsa_sel_gpu_tests"
-step rows_racecheck 90 env NSA_SEL_DEBUG_ROWS=2 "${sanitize[@]}" racecheck
-step rows_memcheck 60 env NSA_SEL_DEBUG_ROWS=2 "${sanitize[@]}" memcheck
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck

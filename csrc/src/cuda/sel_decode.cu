@@ -115,13 +115,6 @@ int plan_pdl_lead() {
   return forced > 0 ? forced : 2;
 }
 
-// The row-persistent kernel (sel_decode_rows.cuh): an experiment, off unless forced
-// (NSA_SEL_DEBUG_ROWS=1: where rows outnumber the resident blocks; 2: wherever it applies).
-int plan_rows_mode() {
-  static const int forced = debug_knob("NSA_SEL_DEBUG_ROWS");
-  return forced == 1 || forced == 2 ? forced : 0;
-}
-
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
 // power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could

@@ -10,7 +10,6 @@
 #include "../dispatch.hpp"
 #include "../internal.hpp"
 #include "sel_decode_kernel.cuh"
-#include "sel_decode_rows.cuh"
 
 namespace nsa_sel {
 
@@ -34,10 +33,6 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
 
 // Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
 int plan_pdl_lead();
-
-// Whether one-block-per-row launches go to the row-persistent kernel (sel_decode_rows.cuh):
-// 0 never, 1 where rows outnumber the resident blocks, 2 wherever it applies (tests, tuning).
-int plan_rows_mode();
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
@@ -100,70 +95,6 @@ bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int sm
   return rows <= clusters;
 }
 
-// Resident blocks per SM of `kernel` at `threads` threads and `smem` bytes (the kernel's dynamic
-// shared-memory limit must already allow smem), cached per device for the last smem size asked;
-// 0 when the query fails.
-template <typename Kernel>
-int blocks_per_sm(Kernel kernel, std::atomic<uint64_t>* cache, int device, int threads, int smem) {
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached) {
-    const uint64_t e = cache[device].load(std::memory_order_relaxed);
-    if (e != 0 && static_cast<int>(e >> 32) == smem) return static_cast<int>(e & 0xffffffffu) - 1;
-  }
-  int nb = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  if (cached)
-    cache[device].store(static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(nb + 1),
-                        std::memory_order_relaxed);
-  return nb;
-}
-
-// The row-persistent kernel for a one-team, unsplit plan of h <= 16 heads, when the mode allows
-// it: grid = min(rows, resident blocks). Returns false (and launches nothing) where it does not
-// apply, so that the caller launches the one-block-per-row kernel.
-template <typename T, int DK, int DV>
-bool launch_rows(const NsaSelParams& p, int device, const DeviceInfo& dev, cudaStream_t stream,
-                 int stages, float scale_log2, NsaSelStatus& st) {
-  using Rt = RowsTraits<T, DK, DV>;
-  using Tr = DecodeTraits<T, DK, DV, 1>;
-  const int mode = plan_rows_mode();
-  if (mode == 0 || dev.cc_major < 9 || p.n > Rt::kMaxRanges) return false;
-  auto kernel = sel_decode_rows_kernel<T, DK, DV>;
-  static KernelCache cache;
-  static std::atomic<uint64_t> occupancy[kMaxDevices];
-  const int smem = Rt::smem_bytes(p.n, stages);
-  if (smem > dev.max_smem_optin) return false;
-  st = allow_smem(kernel, cache, device, smem);
-  if (st != NSA_SEL_OK) return true;
-  const int64_t slots =
-      static_cast<int64_t>(blocks_per_sm(kernel, occupancy, device, Tr::kThreads, smem)) *
-      dev.sm_count;
-  const int64_t rows = p.b * p.g;
-  if (slots <= 0 || (mode == 1 && rows <= slots)) return false;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(std::min(rows, slots)));
-  cfg.blockDim = dim3(Tr::kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  const cudaError_t launch_err =
-      cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, stages, trace_records());
-  if (launch_err != cudaSuccess) {
-    st = cuda_status(launch_err, "cudaLaunchKernelEx");
-    return true;
-  }
-  const cudaError_t err = cudaGetLastError();
-  st = err != cudaSuccess ? cuda_status(err, "sel_decode_rows_kernel launch") : ok();
-  return true;
-}
-
 template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
@@ -220,12 +151,6 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   }
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
-
-  if constexpr (MT == 1) {
-    if (teams == 1 && splits == 1 &&
-        launch_rows<T, DK, DV>(p, device, dev, stream, stages, scale_log2, st))
-      return st;
-  }
 
   const int64_t blocks = rows * splits;
   cudaLaunchConfig_t cfg = {};
