@@ -151,13 +151,19 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
                 int max_stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
-  if (forced >= 2) return std::min(forced, max_stages);
+  if (forced >= 1) return std::min(forced, max_stages);
   if (teams > 1) return std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);
   const int64_t blocks = p.b * p.g * splits;
   if (tile_bytes <= 32 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
     return std::min(std::max((tile_bytes <= 16 * 1024 ? 48 : 64) * 1024 / tile_bytes, 2),
                     max_stages);
   return std::min(std::max(96 * 1024 / tile_bytes, 2), max_stages);
+}
+
+// Whether NSA_SEL_DEBUG_STAGES forces the stage count (the launcher then leaves it as planned).
+bool stages_forced() {
+  static const bool forced = debug_knob("NSA_SEL_DEBUG_STAGES") >= 1;
+  return forced;
 }
 
 // Warp teams per block: 2 where every block has an SM to itself (blocks <= SMs) and each team can

@@ -17,7 +17,8 @@
 // block of the cluster (st.async into distributed shared memory, counted by the receiver's
 // mbarrier), and each block combines its share in split order, so the result is deterministic.
 // The number of pipeline stages is a launch parameter (shared memory is sized for it), so that
-// blocks of small tiles can fit 4 to an SM.
+// blocks of small tiles can fit 4 to an SM, and so that many-wave shapes can run one stage (a
+// block loads a tile, computes it, then loads the next) to fit more blocks per SM.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,7 +56,8 @@ struct DecodeTraits {
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
   // KB of loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
   // kStages is the most stages (up to about 200 KB of tiles, for a block alone on its SM); the
-  // launch picks the number (2..kStages, plan_stages) and sizes shared memory for it.
+  // launch picks the number (2..kStages, plan_stages, or 1 where that makes more blocks
+  // resident, the launcher) and sizes shared memory for it.
   static constexpr int kTileBytes = kTile * (DK + DV) * 2;
   __host__ __device__ static constexpr int stages_for(int budget_bytes) {
     return budget_bytes / kTileBytes < 2   ? 2
@@ -130,9 +132,10 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-// cp.async.wait_group with a block-uniform runtime count in [1, 5].
+// cp.async.wait_group with a block-uniform runtime count in [0, 5].
 __device__ __forceinline__ void cp_async_wait_rt(int n) {
   switch (n) {
+    case 0: cp_async_wait<0>(); break;
     case 1: cp_async_wait<1>(); break;
     case 2: cp_async_wait<2>(); break;
     case 3: cp_async_wait<3>(); break;

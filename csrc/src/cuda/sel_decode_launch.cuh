@@ -28,6 +28,8 @@ NsaSelStatus cuda_status(cudaError_t err, const char* what);
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
                 int max_stages);
+// Whether NSA_SEL_DEBUG_STAGES forces the stage count (the launcher then keeps it as it is).
+bool stages_forced();
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams);
 
@@ -95,6 +97,28 @@ bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int sm
   return rows <= clusters;
 }
 
+// Resident blocks per SM of `kernel` with `threads` threads and `smem` bytes of dynamic shared
+// memory (the kernel's limit must already allow smem), cached per device and stage count for the
+// last smem size asked; 0 when the query fails (the caller then keeps its plan).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, std::atomic<uint64_t> (&cache)[kMaxDevices][8], int device,
+                  int stages, int threads, int smem) {
+  const bool cached = device >= 0 && device < kMaxDevices && stages >= 0 && stages < 8;
+  if (cached) {
+    const uint64_t e = cache[device][stages].load(std::memory_order_relaxed);
+    if (e != 0 && static_cast<int>(e >> 32) == smem) return static_cast<int>(e & 0xffffffffu) - 1;
+  }
+  int nb = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query is not an error of this call: plan without it
+    return 0;
+  }
+  if (cached)
+    cache[device][stages].store(static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(nb + 1),
+                                std::memory_order_relaxed);
+  return nb;
+}
+
 template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
@@ -144,11 +168,40 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     st = fit();
     if (st != NSA_SEL_OK) return st;
   }
-  const int smem = smem_now();
   if (teams == 1) {
-    st = allow_smem(kernel1, cache1, device, smem);
+    st = allow_smem(kernel1, cache1, device, smem_now());
     if (st != NSA_SEL_OK) return st;
+    // One pipeline stage where it makes more blocks resident and the rows would otherwise come
+    // in waves: a block then loads a tile, computes it, loads the next, and the other blocks of
+    // its SM keep the memory busy in between (fla's Triton kernel at decode works this way: one
+    // 36 KB buffer, 4 programs per SM). Measured on the H200 (NOTES.md v13, cold graph us):
+    // d128 B=128 70.9 -> 68.2 (4 blocks per SM instead of 2: one wave instead of two),
+    // nsa27b B=128 85.2 -> 83.3 (3 instead of 2), seed D=128 L=512 N=1024 69.6 -> 67.1 (4
+    // instead of 3); where it adds no resident block it only loses the overlap in the block
+    // (seed D=64 L=512 37.9 -> 41.3: 4 per SM either way, limited by registers), and where the
+    // rows fit at once it loses too (d128 B=64 38.1 -> 45.2), so neither case takes it. Measured
+    // for h <= 16 (one m-tile) only, and for rows of 8 tiles or more (the NSA selection's n
+    // blocks of 64 tokens; a single range: its length bound), so only there: with a few tiles a
+    // row, one stage would serialise a block's loads that two stages put in flight together.
+    static std::atomic<uint64_t> occupancy[kMaxDevices][8];
+    const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);
+    const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
+    if (MT == 1 && splits == 1 && stages >= 2 && expected_tiles >= 8 && !stages_forced()) {
+      const int threads = Tr::kThreads;
+      const int64_t now =
+          static_cast<int64_t>(blocks_per_sm(kernel1, occupancy, device, stages, threads,
+                                             smem_now())) *
+          dev.sm_count;
+      if (now > 0 && rows > now) {
+        const int64_t one =
+            static_cast<int64_t>(blocks_per_sm(kernel1, occupancy, device, 1, threads,
+                                               Tr::smem_bytes(p.n, 1, 1, 1))) *
+            dev.sm_count;
+        if (one > now) stages = 1;
+      }
+    }
   }
+  const int smem = smem_now();
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
 
