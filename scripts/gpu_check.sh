@@ -3,8 +3,10 @@
 # Uses the python3 there (torch + pytest), the repo via PYTHONPATH, and the googletest source
 # carried in .deps/ (scripts/fetch_gtest.sh, run beforehand on a machine with apt).
 #
-# Steps: configure, build (sm_90), ctest (all suites, GPU included), pytest (CUDA, strict),
-# compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named *Sanitizer*, bench.
+# Steps: configure, build (sm_90), ctest (all suites, GPU included), stages1 (the GPU suite
+# again with one pipeline stage forced on every shape: the plan v13 takes on many-wave shapes),
+# pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
+# *Sanitizer*, bench.
 # STEPS="configure build bench" runs a subset (for performance iterations); BENCH_ARGS replaces
 # the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
 # step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes.
@@ -46,7 +48,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build ctest pytest memcheck racecheck initcheck bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build ctest stages1 pytest memcheck racecheck initcheck bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -89,6 +91,31 @@ if [[ "${1:-}" == --sanitize ]]; then
 fi
 sanitize=(bash "$root/scripts/gpu_check.sh" --sanitize)
 
+# --shards VAR=VALUE (this script calling itself): the GPU suite in 4 parallel shards with one
+# debug knob set (the knobs are read once per process, so ctest's run cannot cover them).
+if [[ "${1:-}" == --shards ]]; then
+  rc=0
+  pids=()
+  for i in 0 1 2 3; do
+    env "$2" GTEST_TOTAL_SHARDS=4 GTEST_SHARD_INDEX=$i "$build/nsa_sel_gpu_tests" \
+      >"$OUT/shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in 0 1 2 3; do
+    wait "${pids[$i]}" || rc=1
+    echo "shard $i: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/shard$i.log" | tr '\n' ' ')"
+    grep -E '^\[  FAILED  \]' "$OUT/shard$i.log" || true
+    # A shard that passed nothing, or skipped a test (no GPU), is a failure, not a pass.
+    grep -q "PASSED  \]" "$OUT/shard$i.log" || rc=1
+    if grep -qE "PASSED  \] 0 tests|SKIPPED \]" "$OUT/shard$i.log"; then
+      echo "shard $i ran no test or skipped some"
+      rc=1
+    fi
+  done
+  exit "$rc"
+fi
+shards=(bash "$root/scripts/gpu_check.sh" --shards)
+
 {
   echo "date: $(date -u +%FT%TZ)"
   # The device copy's git metadata can lag its files: the sources hash names the tree that was
@@ -106,6 +133,7 @@ step configure 90 cmake -S . -B "$build" "${generator[@]}" -DNSA_SEL_WITH_CUDA=O
   -DNSA_SEL_CUDA_ARCHS="$archs" -DNSA_SEL_GTEST_SOURCE_DIR="$gtest_dir"
 step build 240 cmake --build "$build" -j"$jobs"
 step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
+step stages1 120 "${shards[@]}" NSA_SEL_DEBUG_STAGES=1
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck
