@@ -386,6 +386,50 @@ TEST(Decode, GraphCaptureReplaysWithNewRanges) {
   cudaStreamDestroy(stream);
 }
 
+// The call's device is current only during the call: the caller's current device (a C++
+// engine's, or PyTorch's, which reads it back with cudaGetDevice) is the same afterwards. An
+// invalid device is reported, and its error is not left pending for the next call's launch
+// check to trip on. With 2+ GPUs, a call on device 1 from a thread on device 0 is checked too.
+TEST(Decode, LeavesTheCurrentDeviceAlone) {
+  REQUIRE_GPU();
+  int count = 0;
+  CUDA_OK(cudaGetDeviceCount(&count));
+  CUDA_OK(cudaSetDevice(0));
+  Case c;
+  c.b = 2;
+  c.g = 2;
+  c.s_kv = 300;
+  c.n = 4;
+  Problem pr(c, 9);
+  pr.upload();
+  NsaSelParams p = pr.params(true);
+  EXPECT_EQ(nsa_sel_decode_cuda(&p, count, nullptr), NSA_SEL_ERR_NO_DEVICE);
+  EXPECT_NE(std::string(nsa_sel_last_error()).find("cudaSetDevice"), std::string::npos)
+      << nsa_sel_last_error();
+  int cur = -1;
+  CUDA_OK(cudaGetDevice(&cur));
+  EXPECT_EQ(cur, 0);
+  expect_close(pr, pr.run_gpu(), pr.run_cpu());  // the failed call left nothing pending
+  CUDA_OK(cudaGetDevice(&cur));
+  EXPECT_EQ(cur, 0);
+  if (count >= 2) {
+    CUDA_OK(cudaSetDevice(1));
+    Problem pr1(c, 10);
+    pr1.upload();  // buffers on device 1
+    CUDA_OK(cudaSetDevice(0));
+    NsaSelParams p1 = pr1.params(true);
+    EXPECT_EQ(nsa_sel_decode_cuda(&p1, 1, nullptr), NSA_SEL_OK) << nsa_sel_last_error();
+    CUDA_OK(cudaGetDevice(&cur));
+    EXPECT_EQ(cur, 0);
+    CUDA_OK(cudaSetDevice(1));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint16_t> got(pr1.out.size());
+    CUDA_OK(cudaMemcpy(got.data(), pr1.dout, got.size() * 2, cudaMemcpyDeviceToHost));
+    expect_close(pr1, got, pr1.run_cpu());
+    CUDA_OK(cudaSetDevice(0));
+  }
+}
+
 TEST(Decode, UnsupportedConfigurationsAreReported) {
   REQUIRE_GPU();
   Case c;

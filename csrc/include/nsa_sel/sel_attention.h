@@ -103,7 +103,8 @@ NsaSelStatus nsa_sel_decode_supported(const NsaSelParams* p);
 /* Launches the decode kernel on `stream` (a cudaStream_t; NULL is the legacy default stream) of
  * CUDA device `device`. Device pointers. Asynchronous, no host synchronisation, no allocation:
  * CUDA-graph capturable. kv_lens values outside [0, s_kv] are clamped into it on the device
- * (memory safety); callers that need the error check them on the host first. */
+ * (memory safety); callers that need the error check them on the host first. The calling
+ * thread's current device is the same after the call as before it. */
 NsaSelStatus nsa_sel_decode_cuda(const NsaSelParams* p, int32_t device, void* stream);
 
 #ifdef __cplusplus

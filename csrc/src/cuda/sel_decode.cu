@@ -75,6 +75,10 @@ unsigned long long* trace_records() { return nullptr; }
 #endif
 
 NsaSelStatus cuda_status(cudaError_t err, const char* what) {
+  // The failed call's error is this status now: consume the runtime's record of it, so that the
+  // next call's launch check (cudaGetLastError) does not report it again (a sticky error stays
+  // sticky whatever is consumed).
+  (void)cudaGetLastError();
   switch (err) {
     case cudaErrorNoDevice:
     case cudaErrorInsufficientDriver:
@@ -197,6 +201,35 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
   return p.n >= 4 * splits || (tile_bytes <= 16 * 1024 && p.n >= 2 * splits) ? 2 : 1;
 }
 
+namespace {
+// Makes `device` current for one call and gives the calling thread its own current device back
+// afterwards: a C++ engine's (or PyTorch's, which reads it with cudaGetDevice) current device is
+// never changed behind its back. No call when `device` is already current.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int prev = -1;
+    if (cudaGetDevice(&prev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      prev = -1;
+    }
+    if (prev == device) return;
+    err_ = cudaSetDevice(device);
+    if (err_ == cudaSuccess && prev >= 0) restore_ = prev;
+  }
+  ~DeviceGuard() {
+    if (restore_ >= 0) (void)cudaSetDevice(restore_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  cudaError_t error() const { return err_; }
+
+ private:
+  cudaError_t err_ = cudaSuccess;
+  int restore_ = -1;
+};
+}  // namespace
+
 }  // namespace nsa_sel
 
 extern "C" NsaSelStatus nsa_sel_decode_cuda(const NsaSelParams* p, int32_t device, void* stream) {
@@ -205,7 +238,8 @@ extern "C" NsaSelStatus nsa_sel_decode_cuda(const NsaSelParams* p, int32_t devic
   const NsaSelStatus supported = decode_supported(*p);
   if (supported != NSA_SEL_OK) return supported;
 
-  cudaError_t err = cudaSetDevice(device);
+  const DeviceGuard guard(device);
+  cudaError_t err = guard.error();
   if (err != cudaSuccess) return cuda_status(err, "cudaSetDevice");
   DeviceInfo dev;
   err = device_info(device, &dev);
