@@ -171,33 +171,29 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   if (teams == 1) {
     st = allow_smem(kernel1, cache1, device, smem_now());
     if (st != NSA_SEL_OK) return st;
-    // One pipeline stage where it makes more blocks resident and the rows would otherwise come
-    // in waves: a block then loads a tile, computes it, loads the next, and the other blocks of
-    // its SM keep the memory busy in between (fla's Triton kernel at decode works this way: one
-    // 36 KB buffer, 4 programs per SM). Measured on the H200 (NOTES.md v13, cold graph us):
-    // d128 B=128 70.9 -> 68.2 (4 blocks per SM instead of 2: one wave instead of two),
-    // nsa27b B=128 85.2 -> 83.3 (3 instead of 2), seed D=128 L=512 N=1024 69.6 -> 67.1 (4
-    // instead of 3); where it adds no resident block it only loses the overlap in the block
-    // (seed D=64 L=512 37.9 -> 41.3: 4 per SM either way, limited by registers), and where the
-    // rows fit at once it loses too (d128 B=64 38.1 -> 45.2), so neither case takes it. Measured
-    // for h <= 16 (one m-tile) only, and for rows of 8 tiles or more (the NSA selection's n
-    // blocks of 64 tokens; a single range: its length bound), so only there: with a few tiles a
-    // row, one stage would serialise a block's loads that two stages put in flight together.
+    // One pipeline stage where the rows would come in waves and one stage fits more blocks per
+    // SM, with at least as many tiles in flight per SM: a block then loads a tile, computes it,
+    // loads the next, and the other blocks of its SM keep the memory busy in between (fla's
+    // Triton kernel at decode works this way: one 36 KB buffer, 4 programs per SM). A block of
+    // s stages keeps s - 1 tiles in flight, one of 1 stage one tile while it waits. Measured on
+    // the H200 (NOTES.md v13, cold graph us, stage forced): d128 B=128 70.9 -> 68.2 (4 blocks
+    // per SM x 1 tile against 2 x 2: one wave instead of two), nsa27b B=128 85.2 -> 83.3 (4 x 1
+    // against 2 x 1), seed D=128 L=512 N=1024 69.6 -> 67.1 (4 x 1 against 3 x 1); lost where the
+    // tiles in flight fall, seed D=64 L=512 N=1024 37.9 -> 41.3 (5 x 1 against 4 x 2), and where
+    // the rows fit at once, d128 B=64 38.1 -> 45.2, so neither takes it. Measured for h <= 16
+    // (one m-tile) and rows of 8 tiles or more (the NSA selection's n blocks of 64 tokens; a
+    // single range: its length bound) only, so only there: with a few tiles a row, one stage
+    // would serialise a block's loads that two stages put in flight together.
     static std::atomic<uint64_t> occupancy[kMaxDevices][8];
     const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);
     const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
     if (MT == 1 && splits == 1 && stages >= 2 && expected_tiles >= 8 && !stages_forced()) {
       const int threads = Tr::kThreads;
-      const int64_t now =
-          static_cast<int64_t>(blocks_per_sm(kernel1, occupancy, device, stages, threads,
-                                             smem_now())) *
-          dev.sm_count;
-      if (now > 0 && rows > now) {
-        const int64_t one =
-            static_cast<int64_t>(blocks_per_sm(kernel1, occupancy, device, 1, threads,
-                                               Tr::smem_bytes(p.n, 1, 1, 1))) *
-            dev.sm_count;
-        if (one > now) stages = 1;
+      const int now = blocks_per_sm(kernel1, occupancy, device, stages, threads, smem_now());
+      if (now > 0 && rows > static_cast<int64_t>(now) * dev.sm_count) {
+        const int one = blocks_per_sm(kernel1, occupancy, device, 1, threads,
+                                      Tr::smem_bytes(p.n, 1, 1, 1));
+        if (one > now && one >= now * (stages - 1)) stages = 1;
       }
     }
   }
