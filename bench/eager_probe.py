@@ -131,12 +131,21 @@ def profile_calls(case: str, batch: int, gen, calls: int = 2000, top: int = 12) 
     return buf.getvalue()
 
 
+def bench_cases(spec: str) -> list:
+    """(label, bench_sel_cuda.Case) for each CASE:B of a comma list."""
+    import bench_sel_cuda as bench
+
+    out = []
+    for item in spec.split(","):
+        name, b = item.split(":")
+        out.append((item, bench.model_case(name, int(b))))
+    return out
+
+
 def after_bench(spec: str, case: str, batch: int, gen) -> None:
     import bench_sel_cuda as bench
     import peers as peerlib
 
-    os.environ["NSA_SEL_CUDA"] = "1"
-    os.environ["NSA_SEL_CUDA_STRICT"] = "1"
     roof = bench.measure_copy_roof()
 
     def report(when: str) -> None:
@@ -145,9 +154,7 @@ def after_bench(spec: str, case: str, batch: int, gen) -> None:
         print(profile_calls(case, batch, gen), flush=True)
 
     report("fresh process")
-    for item in spec.split(","):
-        name, b = item.split(":")
-        c = bench.model_case(name, int(b))
+    for item, c in bench_cases(spec):
         t0 = time.perf_counter()
         res = bench.run_case(c, torch.bfloat16, list(peerlib.PEER_NAMES), roof)
         print(
@@ -163,9 +170,7 @@ def bench_eager(spec: str) -> None:
     the same with one input set and with a longer warm-up, several times over, in one process."""
     import bench_sel_cuda as bench
 
-    for item in spec.split(","):
-        name, b = item.split(":")
-        c = bench.model_case(name, int(b))
+    for item, c in bench_cases(spec):
         inp = bench.make_inputs(c, torch.bfloat16, "cuda", bench.free_bytes())
 
         def call(r):

@@ -119,6 +119,10 @@ int plan_pdl_lead() {
   return forced > 0 ? forced : 2;
 }
 
+int64_t tiles_bound(const NsaSelParams& p) {
+  return std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n * s_kv < 2^31 (decode_supported)
+}
+
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
 // power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could
@@ -134,7 +138,7 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
   static const int forced = debug_knob("NSA_SEL_DEBUG_SPLITS");
   if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return forced;
   const int64_t rows = p.b * p.g;
-  const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n*s_kv < 2^31
+  const int64_t max_tiles = tiles_bound(p);
   const int64_t sms = dev.sm_count;
   int splits = 1;
   while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= sms)

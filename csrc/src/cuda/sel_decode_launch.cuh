@@ -24,6 +24,9 @@ struct DeviceInfo {
 // Maps a CUDA error to the library's status (no device / sticky / other) with a message.
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
+// 64-token tiles a row can hold at most (n ranges of at most s_kv tokens), at least 1.
+int64_t tiles_bound(const NsaSelParams& p);
+
 // Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
@@ -185,7 +188,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     // single range: its length bound) only, so only there: with a few tiles a row, one stage
     // would serialise a block's loads that two stages put in flight together.
     static std::atomic<uint64_t> occupancy[kMaxDevices][8];
-    const int64_t max_tiles = std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);
+    const int64_t max_tiles = tiles_bound(p);
     const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
     if (MT == 1 && splits == 1 && stages >= 2 && expected_tiles >= 8 && !stages_forced()) {
       const int threads = Tr::kThreads;
