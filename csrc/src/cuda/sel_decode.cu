@@ -119,6 +119,20 @@ int plan_pdl_lead() {
   return forced > 0 ? forced : 2;
 }
 
+// One-team blocks of one m-tile run the split K/V pipeline (K and V of a tile as copy groups of
+// their own) where they run one stage: a block's loads then overlap its own math (the next
+// tile's K during PV, the tile's V during QK^T) with no more shared memory. Measured on the H200
+// (NOTES.md v14, cold graph us, off -> on, two runs): nsa27b B=128 82.7/83.0 -> 81.9/82.2, d128
+// B=128 67.2/66.7 -> 66.8/66.6, seed D=128 L=512 N=1024 66.7/66.8 -> 66.2/66.2. Where a block
+// already pipelines 2+ stages the extra barriers cost more than the finer overlap gives: nsa27b
+// B=64 44.0 -> 44.9, B=16 17.3 -> 17.9, d128 B=64 38.0 -> 38.6, seed D=64 L=512 38.0 -> 38.6.
+// NSA_SEL_DEBUG_KVSPLIT=1 turns it off, 2 on at every stage count.
+bool plan_kv_split(int stages) {
+  static const int forced = debug_knob("NSA_SEL_DEBUG_KVSPLIT");
+  if (forced == 1 || forced == 2) return forced == 2;
+  return stages == 1;
+}
+
 int64_t tiles_bound(const NsaSelParams& p) {
   return std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n * s_kv < 2^31 (decode_supported)
 }

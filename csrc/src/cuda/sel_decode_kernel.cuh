@@ -132,7 +132,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
-// cp.async.wait_group with a block-uniform runtime count in [0, 5].
+// cp.async.wait_group with a block-uniform runtime count in [0, 11].
 __device__ __forceinline__ void cp_async_wait_rt(int n) {
   switch (n) {
     case 0: cp_async_wait<0>(); break;
@@ -140,7 +140,13 @@ __device__ __forceinline__ void cp_async_wait_rt(int n) {
     case 2: cp_async_wait<2>(); break;
     case 3: cp_async_wait<3>(); break;
     case 4: cp_async_wait<4>(); break;
-    default: cp_async_wait<5>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    case 7: cp_async_wait<7>(); break;
+    case 8: cp_async_wait<8>(); break;
+    case 9: cp_async_wait<9>(); break;
+    case 10: cp_async_wait<10>(); break;
+    default: cp_async_wait<11>(); break;
   }
 }
 
@@ -311,13 +317,17 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 
 // (clang-format reads the product in __launch_bounds__ as a pointer type.)
 // clang-format off
-template <typename T, int DK, int DV, int MT, int TEAMS>
+template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
                       const int stages, const int pdl_lead, unsigned long long* trace) {
   // clang-format on
   using Tr = DecodeTraits<T, DK, DV, MT>;
   static_assert(TEAMS >= 1 && TEAMS <= Tr::kMaxTeams, "unsupported team count");
+  // K and V as copy groups of their own (see the main loop): one-team blocks only, where every
+  // thread meets the same barriers in every round.
+  static_assert(!KV_SPLIT || TEAMS == 1, "the split K/V pipeline is for one-team blocks");
+  constexpr bool kv_split = KV_SPLIT;
   constexpr int teams = TEAMS;
   constexpr int nthreads = Tr::kThreads * TEAMS;  // == blockDim.x
   extern __shared__ __align__(128) unsigned char smem[];
@@ -487,7 +497,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   constexpr int kRowsPerPass = Tr::kThreads / 8;
   const int ld_row = ttid >> 3;
   const int ld_col = ((ttid & 7) ^ (ld_row & 7)) * 16;  // bytes; kRowsPerPass is a multiple of 8
-  auto issue_loads = [&](int it, int stage) {
+  auto issue_loads = [&](int it, int stage, bool do_k = true, bool do_v = true) {
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
     unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
     unsigned char* v_st = k_st + Tr::kKStageBytes;
@@ -502,10 +512,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
           v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
       unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
       unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
+      if (do_k) {
 #pragma unroll
-      for (int j = 0; j < Tr::kChunksK / 8; ++j) cp_async16(k_dst + j * 128, k_src + j * 64, valid);
+        for (int j = 0; j < Tr::kChunksK / 8; ++j)
+          cp_async16(k_dst + j * 128, k_src + j * 64, valid);
+      }
+      if (do_v) {
 #pragma unroll
-      for (int j = 0; j < Tr::kChunksV / 8; ++j) cp_async16(v_dst + j * 128, v_src + j * 64, valid);
+        for (int j = 0; j < Tr::kChunksV / 8; ++j)
+          cp_async16(v_dst + j * 128, v_src + j * 64, valid);
+      }
     }
   };
 
@@ -517,13 +533,27 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
 
-  // Prologue: the team's tiles 0 .. stages-2 in flight, tile i in stage i.
-  for (int it = 0; it < stages - 1; ++it)
+  // Prologue: the team's tiles 0 .. stages-2 in flight, tile i in stage i. With kv_split, K and
+  // V are copy groups of their own (K0 V0 K1 V1 ... K(s-1)): the K of tile stages-1 too, so a
+  // stage's K half is refilled as soon as QK^T has read it and its V half once PV has.
+  const int pro_tiles = kv_split ? stages : stages - 1;
+  for (int it = 0; it < pro_tiles; ++it)
     if (it < team_tiles) fill_tok(it);
   team_sync<TEAMS, Tr::kThreads>(team);
-  for (int it = 0; it < stages - 1; ++it) {
-    if (it < team_tiles) issue_loads(it, it);
-    cp_async_commit();
+  if constexpr (kv_split) {
+    for (int it = 0; it < stages; ++it) {
+      if (it < team_tiles) issue_loads(it, it, true, false);
+      cp_async_commit();
+      if (it + 1 < stages) {
+        if (it < team_tiles) issue_loads(it, it, false, true);
+        cp_async_commit();
+      }
+    }
+  } else {
+    for (int it = 0; it < stages - 1; ++it) {
+      if (it < team_tiles) issue_loads(it, it);
+      cp_async_commit();
+    }
   }
   int st_use = 0;            // stage of tile it
   int st_fill = stages - 1;  // stage of tile it + stages - 1
@@ -561,11 +591,22 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     // kStages + 1 > stages); the barrier then also guarantees every warp of the team finished
     // computing tile it - 1, whose K/V stage (st_fill) is refilled.
     const int nxt = it + stages - 1;
-    if (nxt < team_tiles) fill_tok(nxt);
-    team_sync<TEAMS, Tr::kThreads>(team);
-    if (nxt < team_tiles) issue_loads(nxt, st_fill);
-    cp_async_commit();
-    cp_async_wait_rt(stages - 1);
+    if constexpr (kv_split) {
+      // Groups in flight at the top: K up to tile it + stages - 1, V up to it + stages - 2.
+      // The barrier says every warp finished PV of tile it - 1 (its V half, st_fill, is free)
+      // and the softmax of tile it - 1 (so its token buffer may take tile it + stages).
+      team_sync<TEAMS, Tr::kThreads>(team);
+      if (nxt < team_tiles) issue_loads(nxt, st_fill, false, true);
+      cp_async_commit();
+      if (nxt + 1 < team_tiles) fill_tok(nxt + 1);
+      cp_async_wait_rt(2 * stages - 1);  // K of tile it (V it, then K/V of it+1 .. may pend)
+    } else {
+      if (nxt < team_tiles) fill_tok(nxt);
+      team_sync<TEAMS, Tr::kThreads>(team);
+      if (nxt < team_tiles) issue_loads(nxt, st_fill);
+      cp_async_commit();
+      cp_async_wait_rt(stages - 1);
+    }
     team_sync<TEAMS, Tr::kThreads>(team);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
     if (TEAMS > 1 && it >= team_tiles) continue;  // team-uniform; only in the last round
@@ -579,6 +620,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     const unsigned char* k_st = kv_team + st_use * Tr::kTileBytes;
     const unsigned char* v_st = k_st + Tr::kKStageBytes;
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
+    const int st_this = st_use;
     st_use = st_use + 1 == stages ? 0 : st_use + 1;
     st_fill = st_fill + 1 == stages ? 0 : st_fill + 1;
 
@@ -650,6 +692,16 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
         o[i][2 * r] *= alpha;
         o[i][2 * r + 1] *= alpha;
       }
+    }
+
+    if constexpr (kv_split) {
+      // Every warp has read this stage's K half: refill it with tile it + stages, then wait
+      // for this tile's V (the K of tile it + stages and the pairs in between may pend).
+      team_sync<TEAMS, Tr::kThreads>(team);
+      if (nxt + 1 < team_tiles) issue_loads(nxt + 1, st_this, true, false);
+      cp_async_commit();
+      cp_async_wait_rt(2 * stages - 1);
+      team_sync<TEAMS, Tr::kThreads>(team);
     }
 
     // O += P V: the score accumulators are already in the A-fragment layout of the next mma.

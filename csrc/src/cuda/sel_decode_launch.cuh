@@ -36,6 +36,10 @@ bool stages_forced();
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams);
 
+// Whether a one-team block of one m-tile runs the split K/V pipeline (see the kernel's main
+// loop): where it runs one stage.
+bool plan_kv_split(int stages);
+
 // Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
 int plan_pdl_lead();
 
@@ -128,7 +132,8 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   // The one-team kernel and, where a block can hold two teams, the two-team kernel.
   auto kernel1 = sel_decode_kernel<T, DK, DV, MT, 1>;
   auto kernel2 = sel_decode_kernel<T, DK, DV, MT, Tr::kMaxTeams>;
-  static KernelCache cache1, cache2;
+  static KernelCache cache1, cache2, cache1s;
+  bool kv_split = false;  // one team, one m-tile: the split K/V kernel (kernel1s below)
 
   const int splits1 = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);  // with one team
   int splits = splits1;
@@ -187,16 +192,28 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     // (one m-tile) and rows of 8 tiles or more (the NSA selection's n blocks of 64 tokens; a
     // single range: its length bound) only, so only there: with a few tiles a row, one stage
     // would serialise a block's loads that two stages put in flight together.
-    static std::atomic<uint64_t> occupancy[kMaxDevices][8];
-    const int64_t max_tiles = tiles_bound(p);
-    const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
-    if (MT == 1 && splits == 1 && stages >= 2 && expected_tiles >= 8 && !stages_forced()) {
-      const int threads = Tr::kThreads;
-      const int now = blocks_per_sm(kernel1, occupancy, device, stages, threads, smem_now());
-      if (now > 0 && rows > static_cast<int64_t>(now) * dev.sm_count) {
-        const int one = blocks_per_sm(kernel1, occupancy, device, 1, threads,
-                                      Tr::smem_bytes(p.n, 1, 1, 1));
-        if (one > now && one >= now * (stages - 1)) stages = 1;
+    // One stage runs the split K/V kernel (a block's loads of the next tile's K overlap its PV,
+    // those of the tile's V its QK^T), so its occupancy is asked of that kernel.
+    if constexpr (MT == 1) {
+      auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, true>;
+      static std::atomic<uint64_t> occupancy[kMaxDevices][8];
+      const int64_t max_tiles = tiles_bound(p);
+      const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
+      if (splits == 1 && stages >= 2 && expected_tiles >= 8 && !stages_forced()) {
+        const int threads = Tr::kThreads;
+        const int now = blocks_per_sm(kernel1, occupancy, device, stages, threads, smem_now());
+        if (now > 0 && rows > static_cast<int64_t>(now) * dev.sm_count) {
+          const int smem1 = Tr::smem_bytes(p.n, 1, 1, 1);
+          st = allow_smem(kernel1s, cache1s, device, smem1);
+          if (st != NSA_SEL_OK) return st;
+          const int one = blocks_per_sm(kernel1s, occupancy, device, 1, threads, smem1);
+          if (one > now && one >= now * (stages - 1)) stages = 1;
+        }
+      }
+      kv_split = plan_kv_split(stages);
+      if (kv_split) {
+        st = allow_smem(kernel1s, cache1s, device, smem_now());
+        if (st != NSA_SEL_OK) return st;
       }
     }
   }
@@ -230,9 +247,18 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
   const int pdl_lead = plan_pdl_lead();
-  const cudaError_t launch_err =
-      teams > 1 ? cudaLaunchKernelEx(&cfg, kernel2, p, scale_log2, splits, stages, pdl_lead, trace)
-                : cudaLaunchKernelEx(&cfg, kernel1, p, scale_log2, splits, stages, pdl_lead, trace);
+  auto launch_with = [&](auto kernel) {
+    return cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, pdl_lead, trace);
+  };
+  cudaError_t launch_err;
+  if (teams > 1) {
+    launch_err = launch_with(kernel2);
+  } else if constexpr (MT == 1) {
+    launch_err = kv_split ? launch_with(sel_decode_kernel<T, DK, DV, MT, 1, true>)
+                          : launch_with(kernel1);
+  } else {
+    launch_err = launch_with(kernel1);
+  }
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
