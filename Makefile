@@ -2,6 +2,7 @@
 #   make demo        the benchmark's demo (CPU references when there is no GPU)
 #   make test        setup + build + C++ suites (ctest) + Python suites (pytest)
 #   make gpu-check   on the GPU machine (no network): build, every suite, sanitizers, bench
+#   make peer-wheels the fla wheels that gpu-check's bench installs there (carry .whl/)
 PYTHON     ?= python3
 CUDA_ARCHS ?= 80;89;90
 JOBS       ?= 2
@@ -11,7 +12,7 @@ WITH_CUDA  ?= $(if $(shell command -v nvcc 2>/dev/null),ON,OFF)
 GENERATOR  := $(if $(shell command -v ninja 2>/dev/null),-G Ninja,)
 export OUT ?= $(CURDIR)/out
 
-.PHONY: setup gtest build test demo gpu-check format clean
+.PHONY: setup gtest build test demo gpu-check peer-wheels format clean
 
 setup: gtest
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
@@ -34,6 +35,10 @@ demo: setup
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The benchmark's fla peer for the GPU machine (no network there): carry .whl/ with gpu-check.
+peer-wheels:
+	$(PYTHON) -m pip download -q --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0
 
 format:
 	clang-format -i csrc/include/nsa_sel/* csrc/src/*.[ch]pp csrc/src/cuda/*.cu csrc/src/cuda/*.cuh csrc/tests/*.cpp

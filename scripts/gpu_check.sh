@@ -37,6 +37,13 @@ if [[ -z "$sanitizer" ]]; then
 fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# The bench's fla peer: wheels carried in .whl/ (`make peer-wheels` on a machine with the
+# registries) go into a scratch site here, since this machine has no network.
+if compgen -G "$root/.whl/*.whl" >/dev/null && ! python3 -c "import fla" 2>/dev/null; then
+  peer_site="${TMPDIR:-/tmp}/nsa_sel_peer_site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$peer_site" "$root"/.whl/*.whl && export PYTHONPATH="$PYTHONPATH:$peer_site"
+fi
 strict_env=(NSA_SEL_CUDA=1 NSA_SEL_CUDA_STRICT=1 NSA_SEL_LIB="$build/libnsa_sel.so")
 
 names=()
