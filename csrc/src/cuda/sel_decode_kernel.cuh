@@ -18,7 +18,9 @@
 // mbarrier), and each block combines its share in split order, so the result is deterministic.
 // The number of pipeline stages is a launch parameter (shared memory is sized for it), so that
 // blocks of small tiles can fit 4 to an SM, and so that many-wave shapes can run one stage (a
-// block loads a tile, computes it, then loads the next) to fit more blocks per SM.
+// block loads a tile, computes it, then loads the next) to fit more blocks per SM. The one-team
+// kernel of one stage runs with KV_SPLIT: K and V of a tile are copy groups of their own, so the
+// next tile's K streams in during PV and the tile's V during QK^T, with no more shared memory.
 #pragma once
 
 #include <cuda_bf16.h>

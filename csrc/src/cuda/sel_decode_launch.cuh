@@ -196,6 +196,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     // those of the tile's V its QK^T), so its occupancy is asked of that kernel.
     if constexpr (MT == 1) {
       auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, true>;
+      // Per stage count: kernel1 is asked at 2+ stages, kernel1s at 1, so one table serves both.
       static std::atomic<uint64_t> occupancy[kMaxDevices][8];
       const int64_t max_tiles = tiles_bound(p);
       const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
