@@ -217,7 +217,9 @@ INSTANTIATE_TEST_SUITE_P(Kernel, ParityGrid,
 
 // Many more rows than resident blocks (several waves), mixed with sequences whose cache is still
 // empty (kv_len 0: their rows select nothing and must come out as exact zeros), rows of 0 to 10
-// tiles and rows cut short by kv_lens: a serving batch where new sequences join.
+// tiles and rows cut short by kv_lens: a serving batch where new sequences join. The second
+// case (320 rows of 40 KB tiles, n = 8) is one the launcher plans with one stage (v13), so it
+// runs the split K/V kernel (v14) under the default plan, not only under `stages1`.
 TEST(Decode, ManyWavesWithEmptySequences) {
   REQUIRE_GPU();
   uint64_t seed = 101;
