@@ -7,9 +7,38 @@
 #   scripts/ab_gpu.sh run           on the GPU machine: builds both libraries (no tests), then for
 #                                   each CASE:BATCH in $AB_CASES times the ref and the tree in turn,
 #                                   $AB_REPS times (default 2), with bench/profile_kernel.py
+#   scripts/ab_gpu.sh knob VAR=A VAR=B
+#                                   on the GPU machine: the tree's library (NSA_SEL_LIB if set,
+#                                   e.g. one built here and carried, else built) timed the same
+#                                   way with each setting of a debug knob in turn
+#                                   (e.g. NSA_SEL_DEBUG_KVSPLIT=1 NSA_SEL_DEBUG_KVSPLIT=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+build() {  # SRC DIR
+  cmake -S "$1" -B "$2" "${generator[@]}" -DNSA_SEL_WITH_CUDA=ON -DNSA_SEL_CUDA_ARCHS=90 \
+    -DNSA_SEL_BUILD_TESTS=OFF >/dev/null && cmake --build "$2" -j"$(nproc)" >/dev/null
+}
+# time_cases LABEL_A ENV_A LABEL_B ENV_B: each CASE:BATCH of $AB_CASES, $AB_REPS times, A then B;
+# ENV_* are space-separated VAR=VALUE words (NSA_SEL_LIB among them).
+time_cases() {
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" NSA_SEL_CUDA=1 NSA_SEL_CUDA_STRICT=1
+  for c in ${AB_CASES:-nsa27b:1 nsa27b:16 m125:64 d128:64}; do
+    IFS=: read -r name batch <<<"$c"
+    for rep in $(seq "${AB_REPS:-2}"); do
+      for side in A B; do
+        local label env_words
+        if [[ $side == A ]]; then label=$1 env_words=$2; else label=$3 env_words=$4; fi
+        printf '%-4s %s:%s #%s  ' "$label" "$name" "$batch" "$rep"
+        # shellcheck disable=SC2086  # env_words is a list of VAR=VALUE words
+        env $env_words python3 bench/profile_kernel.py --case "$name" --batch "$batch" |
+          sed 's/^.*: warm/warm/'
+      done
+    done
+  done
+}
 case "${1:-}" in
   prepare)
     ref="${2:?usage: scripts/ab_gpu.sh prepare REF}"
@@ -20,29 +49,25 @@ case "${1:-}" in
     ;;
   run)
     [[ -f .ab/ref/REF ]] || { echo "no .ab/ref: run 'scripts/ab_gpu.sh prepare REF' first"; exit 1; }
-    generator=()
-    command -v ninja >/dev/null && generator=(-G Ninja)
-    build() {  # SRC DIR
-      cmake -S "$1" -B "$2" "${generator[@]}" -DNSA_SEL_WITH_CUDA=ON -DNSA_SEL_CUDA_ARCHS=90 \
-        -DNSA_SEL_BUILD_TESTS=OFF >/dev/null && cmake --build "$2" -j"$(nproc)" >/dev/null
-    }
     build .ab/ref build-ab-ref || { echo "build of the ref failed"; exit 1; }
     build . build-ab-tree || { echo "build of the tree failed"; exit 1; }
-    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" NSA_SEL_CUDA=1 NSA_SEL_CUDA_STRICT=1
     echo "ref $(cat .ab/ref/REF) against the working tree"
-    for c in ${AB_CASES:-nsa27b:1 nsa27b:16 m125:64 d128:64}; do
-      IFS=: read -r name batch <<<"$c"
-      for rep in $(seq "${AB_REPS:-2}"); do
-        for side in ref tree; do
-          printf '%-4s %s:%s #%s  ' "$side" "$name" "$batch" "$rep"
-          NSA_SEL_LIB="$root/build-ab-$side/libnsa_sel.so" \
-            python3 bench/profile_kernel.py --case "$name" --batch "$batch" | sed 's/^.*: warm/warm/'
-        done
-      done
-    done
+    time_cases ref "NSA_SEL_LIB=$root/build-ab-ref/libnsa_sel.so" \
+      tree "NSA_SEL_LIB=$root/build-ab-tree/libnsa_sel.so"
+    ;;
+  knob)
+    a="${2:?usage: scripts/ab_gpu.sh knob VAR=A VAR=B}"
+    b="${3:?usage: scripts/ab_gpu.sh knob VAR=A VAR=B}"
+    lib="${NSA_SEL_LIB:-}"
+    if [[ -z "$lib" ]]; then
+      build . build-ab-tree || { echo "build of the tree failed"; exit 1; }
+      lib="$root/build-ab-tree/libnsa_sel.so"
+    fi
+    echo "$a against $b ($lib)"
+    time_cases A "NSA_SEL_LIB=$lib $a" B "NSA_SEL_LIB=$lib $b"
     ;;
   *)
-    echo "usage: scripts/ab_gpu.sh prepare REF | run"
+    echo "usage: scripts/ab_gpu.sh prepare REF | run | knob VAR=A VAR=B"
     exit 2
     ;;
 esac
