@@ -146,6 +146,7 @@ def trace_report(sets, calls, blocks, sel_bytes=0):
         f"  block end after the first wait   p10 {e[0]:.2f} p50 {e[1]:.2f} p90 {e[2]:.2f} us\n"
         f"  previous call's last end -> first wait done  median {np.median(gaps):7.2f} us"
     )
+    sm_report(recs)
     r = recs[len(recs) // 2]
     if r.size and sel_bytes:
         t1, nbk = r[:, 1].min(), 16
@@ -163,6 +164,59 @@ def trace_report(sets, calls, blocks, sel_bytes=0):
         print("  timeline of one call (start us: resident blocks / est. TB/s streamed):")
         for k in range(0, nbk, 4):
             print("    " + "  ".join(cells[k : k + 4]))
+
+
+def sm_report(recs):
+    """Is a block's end time a property of its SM? Over the traced calls: the share of the
+    block-end variance that lies between SMs (per-SM means), the correlation of the per-SM mean
+    end between even and odd calls (1: the same SMs are late every call), the mean end by blocks
+    resident on the SM, and the latest and earliest SMs (ids as %smid)."""
+    import numpy as np
+
+    sm_ids, ends, share = [], [], []
+    for r in recs:
+        if not r.size:
+            continue
+        sm = r[:, 15]
+        cnt = np.bincount(sm, minlength=256)
+        sm_ids.append(sm)
+        ends.append((r[:, 6] - r[:, 1].min()) / 1e3)
+        share.append(cnt[sm])
+    if len(ends) < 4:
+        return
+    sm_all, end_all, share_all = map(np.concatenate, (sm_ids, ends, share))
+    n_sm = int(sm_all.max()) + 1
+
+    def per_sm(idx):
+        s = np.bincount(np.concatenate([sm_ids[i] for i in idx]), minlength=n_sm)
+        t = np.bincount(
+            np.concatenate([sm_ids[i] for i in idx]),
+            weights=np.concatenate([ends[i] for i in idx]),
+            minlength=n_sm,
+        )
+        return np.where(s > 0, t / np.maximum(s, 1), np.nan)
+
+    k = len(ends)
+    even, odd = per_sm(range(0, k, 2)), per_sm(range(1, k, 2))
+    both = ~np.isnan(even) & ~np.isnan(odd)
+    corr = np.corrcoef(even[both], odd[both])[0, 1] if both.sum() > 2 else float("nan")
+    mean_sm = per_sm(range(k))
+    between = np.var(mean_sm[sm_all]) / max(np.var(end_all), 1e-12)
+    by_share = "  ".join(
+        f"{c} block(s): {end_all[share_all == c].mean():.2f} us ({(share_all == c).mean():.0%})"
+        for c in np.unique(share_all)
+    )
+    order = np.argsort(np.nan_to_num(mean_sm, nan=-1.0))
+    used = order[~np.isnan(mean_sm[order])]
+    late = ", ".join(f"{i}:{mean_sm[i]:.1f}" for i in used[::-1][:12])
+    early = ", ".join(f"{i}:{mean_sm[i]:.1f}" for i in used[:12])
+    print(
+        f"  per SM ({used.size} SMs, {k} calls): {between:.0%} of the block-end variance is"
+        f" between SMs; per-SM mean end, even vs odd calls: r = {corr:.2f}\n"
+        f"  block end by blocks on its SM: {by_share}\n"
+        f"  latest SMs (id:mean end us)   {late}\n"
+        f"  earliest SMs                  {early}"
+    )
 
 
 def gather_roof_fn(tpr):
