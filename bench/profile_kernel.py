@@ -202,6 +202,18 @@ def sm_report(recs):
     corr = np.corrcoef(even[both], odd[both])[0, 1] if both.sum() > 2 else float("nan")
     mean_sm = per_sm(range(k))
     between = np.var(mean_sm[sm_all]) / max(np.var(end_all), 1e-12)
+    # The same among the blocks on SMs holding the most common count (one wave of 256 blocks on
+    # 132 SMs leaves 8 SMs with one block, which end early whichever SMs they are).
+    counts, freq = np.unique(share_all, return_counts=True)
+    mode = counts[np.argmax(freq)]
+    modal = share_all == mode
+    sm_m, end_m = sm_all[modal], end_all[modal]
+    mean_m = np.bincount(sm_m, weights=end_m, minlength=n_sm) / np.maximum(
+        np.bincount(sm_m, minlength=n_sm), 1
+    )
+    between_m = np.var(mean_m[sm_m]) / max(np.var(end_m), 1e-12)
+    lone = [set(sm_ids[i][share[i] == 1].tolist()) for i in range(k)]
+    same_lone = np.mean([len(lone[i] & lone[0]) / max(len(lone[0]), 1) for i in range(1, k)])
     by_share = "  ".join(
         f"{c} block(s): {end_all[share_all == c].mean():.2f} us ({(share_all == c).mean():.0%})"
         for c in np.unique(share_all)
@@ -213,6 +225,8 @@ def sm_report(recs):
     print(
         f"  per SM ({used.size} SMs, {k} calls): {between:.0%} of the block-end variance is"
         f" between SMs; per-SM mean end, even vs odd calls: r = {corr:.2f}\n"
+        f"  on SMs of {mode} blocks only: {between_m:.0%} between SMs;"
+        f" SMs with one block: {len(lone[0])} per call, {same_lone:.0%} the same as call 0's\n"
         f"  block end by blocks on its SM: {by_share}\n"
         f"  latest SMs (id:mean end us)   {late}\n"
         f"  earliest SMs                  {early}"

@@ -5,8 +5,10 @@
 #
 # Steps: configure, build (sm_90), ctest (all suites, GPU included), stages1 (the GPU suite
 # again with one pipeline stage forced on every shape: the plan v13 takes on many-wave shapes),
+# teams4 (the GPU suite with NSA_SEL_DEBUG_TEAMS=4: four warp teams on every d=64 shape, two on
+# the others),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
-# *Sanitizer* (racecheck again with one stage forced), bench.
+# *Sanitizer* (racecheck again with one stage forced, and with four teams), bench.
 # STEPS="configure build bench" runs a subset (for performance iterations); BENCH_ARGS replaces
 # the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
 # step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes.
@@ -55,7 +57,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build ctest stages1 pytest memcheck racecheck initcheck racecheck_stages1 bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build ctest stages1 teams4 pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -141,11 +143,13 @@ step configure 90 cmake -S . -B "$build" "${generator[@]}" -DNSA_SEL_WITH_CUDA=O
 step build 240 cmake --build "$build" -j"$jobs"
 step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
 step stages1 120 "${shards[@]}" NSA_SEL_DEBUG_STAGES=1
+step teams4 120 "${shards[@]}" NSA_SEL_DEBUG_TEAMS=4
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck
 step initcheck 60 "${sanitize[@]}" initcheck
 step racecheck_stages1 90 env NSA_SEL_DEBUG_STAGES=1 "${sanitize[@]}" racecheck
+step racecheck_teams4 90 env NSA_SEL_DEBUG_TEAMS=4 "${sanitize[@]}" racecheck
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 step bench 400 env "${strict_env[@]}" PYTHONUNBUFFERED=1 python3 bench/bench_sel_cuda.py \
   ${BENCH_ARGS:---quick} --csv "$OUT/bench.csv" --plot "$OUT/bench.png"

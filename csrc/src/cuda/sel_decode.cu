@@ -166,7 +166,8 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
 // except that blocks of at most 32 KB tiles that come in more than two waves of 2 per SM keep
 // 48 KB of 16 KB tiles (4 blocks per SM) or 64 KB of 32 KB tiles (3 per SM), so that the latency
 // a block spends before its first tile lands (ranges, then K/V) overlaps the streaming of the
-// others; and two-team blocks (one per SM) keep about 64 KB per team. Measured on the H100
+// others; two-team blocks (one per SM) keep about 64 KB per team, four-team blocks 2 stages a
+// team (plan_teams: 16 KB tiles, so 128 KB a block). Measured on the H100
 // (NOTES.md v7-v8): seed D=128 L=256 B=1024 52.6 us with 2 stages against 54.4 with 3 (L=512:
 // 97.5 either way); 2 teams: d128 B=16 17.7 us with 2 stages of 32 KB against 18.4 with 3,
 // m125 B=64 16.6 with 4 stages of 16 KB, 17.6 with 6, 18.7 with 3.
@@ -174,6 +175,7 @@ int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int te
                 int max_stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
   if (forced >= 1) return std::min(forced, max_stages);
+  if (teams == 4) return 2;  // 32 KB a team (m125 B=64: 12.1 us against 12.8 with 3)
   if (teams > 1) return std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);
   const int64_t blocks = p.b * p.g * splits;
   if (tile_bytes <= 32 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
@@ -208,15 +210,27 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
                int max_teams) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_TEAMS");
   static const bool splits_forced = debug_knob("NSA_SEL_DEBUG_SPLITS") != 0;
-  if (forced >= 1) return std::min(forced, max_teams);
+  if (forced >= 1) {
+    const int t = std::min(forced, max_teams);
+    return t >= 4 ? 4 : t >= 2 ? 2 : 1;  // the kernels are instantiated for 1, 2 and 4
+  }
   const int64_t rows = p.b * p.g;
   if (max_teams < 2 || rows * splits > dev.sm_count) return 1;
+  int teams = 1;
   if (!splits_forced && splits >= 2 && p.n >= 4 * (splits / 2) &&
       3 * rows * (splits / 2) >= dev.sm_count) {
     splits /= 2;
-    return 2;
+    teams = 2;
+  } else if (p.n >= 4 * splits || (tile_bytes <= 16 * 1024 && p.n >= 2 * splits)) {
+    teams = 2;
   }
-  return p.n >= 4 * splits || (tile_bytes <= 16 * 1024 && p.n >= 2 * splits) ? 2 : 1;
+  // Four teams (16 warps; blocks of 16 KB tiles only) where each still expects 2 tiles or more.
+  // With 8 warps per SM a team's chain of dependent latencies per tile, not DRAM, set the pace
+  // (warm L2 took nearly the cold time). Measured on the H200 (NOTES.md v15, cold graph us):
+  // m125 B=64 13.2-13.5 -> 12.1 (2 stages; warm 12.7-12.9 -> 9.7), m125 B=16 (2 splits) 7.9 ->
+  // 7.5; m125 B=128 (rows in waves) 22.0 against 24.4, which the rule above already excludes.
+  if (teams == 2 && max_teams >= 4 && p.n >= 8 * splits) teams = 4;
+  return teams;
 }
 
 namespace {

@@ -52,8 +52,10 @@ struct DecodeTraits {
   // two teams stream and compute two tiles at once with no block barrier between them (named
   // barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM spends
   // most of each tile in dependent latency.
-  static constexpr int kMaxTeams = MT == 1 ? 2 : 1;  // team_sync has barrier ids for 2
-  static constexpr int kSlices = kWarps / MT;        // token slices of a tile
+  // Blocks of 16 KB tiles (d_k = d_v = 64) may hold 4 teams (16 warps), each still with 2+
+  // stages of its own in one SM's shared memory.
+  static constexpr int kMaxTeams = MT != 1 ? 1 : kTile * (DK + DV) * 2 <= 16 * 1024 ? 4 : 2;
+  static constexpr int kSlices = kWarps / MT;  // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
   // KB of loads in flight (a block's bandwidth is its bytes in flight over the memory latency).
@@ -159,10 +161,13 @@ template <int TEAMS, int THREADS>
 __device__ __forceinline__ void team_sync(int team) {
   if constexpr (TEAMS == 1) {
     __syncthreads();
-  } else if (team == 0) {
-    asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+  } else if constexpr (TEAMS == 2) {
+    if (team == 0)
+      asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+    else
+      asm volatile("bar.sync 2, %0;\n" ::"n"(THREADS) : "memory");
   } else {
-    asm volatile("bar.sync 2, %0;\n" ::"n"(THREADS) : "memory");
+    asm volatile("bar.sync %0, %1;\n" ::"r"(team + 1), "n"(THREADS) : "memory");  // ids 1..TEAMS
   }
 }
 
@@ -802,7 +807,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // The merge's work split: kTPH threads per head, each weighing the sets once and then merging
   // kGPT column groups (group msub + c * kTPH), all their loads in flight together: one dependent
   // chain per thread (it was one per group, up to 4 in a row), which the B=1 epilogue waits on.
-  constexpr int kTPH = nthreads / Tr::kHeads;
+  // (Past kGroups threads per head, the extra threads take heads >= kHeads: they have none.)
+  constexpr int kTPH = nthreads / Tr::kHeads < kGroups ? nthreads / Tr::kHeads : kGroups;
   constexpr int kGPT = kGroups / kTPH;
   static_assert(kTPH >= 1 && kGroups % kTPH == 0, "the merge needs whole column groups per thread");
   const int mh = tid / kTPH, msub = tid % kTPH;

@@ -129,10 +129,15 @@ int blocks_per_sm(Kernel kernel, std::atomic<uint64_t> (&cache)[kMaxDevices][8],
 template <typename T, int DK, int DV, int MT>
 NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cudaStream_t stream) {
   using Tr = DecodeTraits<T, DK, DV, MT>;
-  // The one-team kernel and, where a block can hold two teams, the two-team kernel.
+  // The one-team kernel and, where a block can hold more teams, the two-team kernel and (16 KB
+  // tiles) the four-team kernel. Where a count is not instantiated its name stands for a smaller
+  // one, which the plan never asks for (teams <= Tr::kMaxTeams).
+  constexpr int kTeams2 = Tr::kMaxTeams >= 2 ? 2 : 1;
+  constexpr int kTeams4 = Tr::kMaxTeams >= 4 ? 4 : kTeams2;
   auto kernel1 = sel_decode_kernel<T, DK, DV, MT, 1>;
-  auto kernel2 = sel_decode_kernel<T, DK, DV, MT, Tr::kMaxTeams>;
-  static KernelCache cache1, cache2, cache1s;
+  auto kernel2 = sel_decode_kernel<T, DK, DV, MT, kTeams2>;
+  auto kernel4 = sel_decode_kernel<T, DK, DV, MT, kTeams4>;
+  static KernelCache cache1, cache2, cache4, cache1s;
   bool kv_split = false;  // one team, one m-tile: the split K/V kernel (kernel1s below)
 
   const int splits1 = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);  // with one team
@@ -157,24 +162,36 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
                   static_cast<long long>(p.n), smem_now(), dev.max_smem_optin);
     return ok();
   };
-  // A second team needs its own Q, stages and token buffers; it is dropped where they do not fit.
+  // Each team needs its own Q, stages and token buffers: where four teams do not fit (many
+  // ranges, or forced stages) two are tried, and where two do not fit one is left.
+  if (teams == 4 && smem_now() > dev.max_smem_optin) {
+    teams = 2;
+    stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
+  }
   if (teams > 1 && smem_now() > dev.max_smem_optin) one_team();
   NsaSelStatus st = fit();
   if (st != NSA_SEL_OK) return st;
 
   const int64_t rows = p.b * p.g;
   if (teams > 1) {
-    st = allow_smem(kernel2, cache2, device, smem_now());
+    // The kernel of `teams` teams may take this shared memory; and where rows are split, all the
+    // clusters fit at once: blocks of several teams take an SM each, and a cluster needs
+    // `splits` free SMs of one GPC. Where they would not all be resident, some would wait for a
+    // second wave (measured: m125 B=16, 4-block clusters of two teams, 13.7 us against 9.6), so
+    // keep one team.
+    auto resident = [&](auto kernel, KernelCache& cache) {
+      st = allow_smem(kernel, cache, device, smem_now());
+      return st == NSA_SEL_OK &&
+             (splits == 1 || clusters_fit(kernel, cache, device, splits, smem_now(),
+                                          Tr::kThreads * teams, rows));
+    };
+    const bool fits = teams == 4 ? resident(kernel4, cache4) : resident(kernel2, cache2);
     if (st != NSA_SEL_OK) return st;
-  }
-  if (teams > 1 && splits > 1 &&
-      !clusters_fit(kernel2, cache2, device, splits, smem_now(), Tr::kThreads * teams, rows)) {
-    // Blocks of two teams take an SM each, and a cluster needs `splits` free SMs of one GPC:
-    // where the clusters would not all be resident at once, some would wait for a second wave
-    // (measured: m125 B=16, 4-block clusters, 13.7 us against 9.6), so keep one team.
-    one_team();
-    st = fit();
-    if (st != NSA_SEL_OK) return st;
+    if (!fits) {
+      one_team();
+      st = fit();
+      if (st != NSA_SEL_OK) return st;
+    }
   }
   if (teams == 1) {
     st = allow_smem(kernel1, cache1, device, smem_now());
@@ -253,7 +270,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   };
   cudaError_t launch_err;
   if (teams > 1) {
-    launch_err = launch_with(kernel2);
+    launch_err = teams == 4 ? launch_with(kernel4) : launch_with(kernel2);
   } else if constexpr (MT == 1) {
     launch_err = kv_split ? launch_with(sel_decode_kernel<T, DK, DV, MT, 1, true>)
                           : launch_with(kernel1);
