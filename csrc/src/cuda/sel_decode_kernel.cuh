@@ -2,11 +2,11 @@
 //
 // Grid:  rows * splits blocks, rows = b * g; the `splits` blocks of one (b, g) row form one thread
 //        block cluster (sm_90) and each takes an equal share of the row's selected 64-token tiles.
-// Block: TEAMS (1 or 2) teams of kWarps warps. Warp w of a team owns m-tile (w % MT) of 16 query
-//        heads and token slice (w / MT) of each 64-token tile, so every selected K/V row is loaded
-//        once per block for all heads; with 2 teams each takes every second tile of the block's
-//        share through its own pipeline (named barriers), so two tiles stream and compute at once
-//        where a block has an SM to itself.
+// Block: TEAMS (1, 2, or 4 for 16 KB tiles) teams of kWarps warps. Warp w of a team owns m-tile
+//        (w % MT) of 16 query heads and token slice (w / MT) of each 64-token tile, so every
+//        selected K/V row is loaded once per block for all heads; with several teams each takes
+//        every TEAMS-th tile of the block's share through its own pipeline (named barriers), so
+//        that many tiles stream and compute at once where a block has an SM to itself.
 //
 // Data flow per block: the clamped ranges of the row go to shared memory with their exclusive
 // prefix sums, so the selected tokens form one virtual sequence of length total. Tiles of 64
@@ -49,9 +49,9 @@ struct DecodeTraits {
   // A block holds 1 or kMaxTeams teams (a template parameter of the kernel, so that the one-team
   // kernel carries no team arithmetic). Each team has its own copy of Q, its
   // own pipeline stages and token buffers, and takes every teams-th tile of the block's share, so
-  // two teams stream and compute two tiles at once with no block barrier between them (named
-  // barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM spends
-  // most of each tile in dependent latency.
+  // the teams stream and compute that many tiles at once with no block barrier between them
+  // (named barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM
+  // spends most of each tile in dependent latency.
   // Blocks of 16 KB tiles (d_k = d_v = 64) may hold 4 teams (16 warps), each still with 2+
   // stages of its own in one SM's shared memory.
   static constexpr int kMaxTeams = MT != 1 ? 1 : kTile * (DK + DV) * 2 <= 16 * 1024 ? 4 : 2;
