@@ -34,6 +34,7 @@
 #endif
 
 #include "nsa_sel/sel_attention.h"
+#include "plan.hpp"
 
 namespace nsa_sel {
 
@@ -43,7 +44,7 @@ constexpr int kMaxSplits = 8;
 
 template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {
-  static constexpr int kTile = 64;                // tokens per pipeline stage
+  static constexpr int kTile = kTileTokens;       // tokens per pipeline stage
   static constexpr int kWarps = MT == 1 ? 4 : 8;  // warps of one team: 128 or 256 threads
   static constexpr int kThreads = kWarps * 32;
   // A block holds 1 or kMaxTeams teams (a template parameter of the kernel, so that the one-team
@@ -52,9 +53,7 @@ struct DecodeTraits {
   // the teams stream and compute that many tiles at once with no block barrier between them
   // (named barriers per team). Used when blocks do not outnumber SMs: a lone 4-warp block per SM
   // spends most of each tile in dependent latency.
-  // Blocks of 16 KB tiles (d_k = d_v = 64) may hold 4 teams (16 warps), each still with 2+
-  // stages of its own in one SM's shared memory.
-  static constexpr int kMaxTeams = MT != 1 ? 1 : kTile * (DK + DV) * 2 <= 16 * 1024 ? 4 : 2;
+  static constexpr int kMaxTeams = max_teams_for(MT, tile_bytes_for(DK, DV));  // plan.hpp
   static constexpr int kSlices = kWarps / MT;  // token slices of a tile
   static constexpr int kTokPerWarp = kTile / kSlices;
   // K/V tiles in shared memory: by default about 96 KB per block, so that each block keeps 48-80
@@ -62,7 +61,7 @@ struct DecodeTraits {
   // kStages is the most stages (up to about 200 KB of tiles, for a block alone on its SM); the
   // launch picks the number (2..kStages, plan_stages, or 1 where that makes more blocks
   // resident, the launcher) and sizes shared memory for it.
-  static constexpr int kTileBytes = kTile * (DK + DV) * 2;
+  static constexpr int kTileBytes = tile_bytes_for(DK, DV);
   __host__ __device__ static constexpr int stages_for(int budget_bytes) {
     return budget_bytes / kTileBytes < 2   ? 2
            : budget_bytes / kTileBytes > 6 ? 6

@@ -9,39 +9,15 @@
 
 #include "../dispatch.hpp"
 #include "../internal.hpp"
+#include "plan.hpp"
 #include "sel_decode_kernel.cuh"
 
 namespace nsa_sel {
 
 constexpr int kMaxDevices = 64;
 
-struct DeviceInfo {
-  int sm_count = 0;
-  int cc_major = 0;
-  int max_smem_optin = 0;
-};
-
 // Maps a CUDA error to the library's status (no device / sticky / other) with a message.
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
-
-// 64-token tiles a row can hold at most (n ranges of at most s_kv tokens), at least 1.
-int64_t tiles_bound(const NsaSelParams& p);
-
-// Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
-int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
-int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
-                int max_stages);
-// Whether NSA_SEL_DEBUG_STAGES forces the stage count (the launcher then keeps it as it is).
-bool stages_forced();
-int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
-               int max_teams);
-
-// Whether a one-team block of one m-tile runs the split K/V pipeline (see the kernel's main
-// loop): where it runs one stage.
-bool plan_kv_split(int stages);
-
-// Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
-int plan_pdl_lead();
 
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();

@@ -1,0 +1,51 @@
+// The launch planner's host functions (defined in sel_decode.cu): how many blocks per (b, g) row
+// (splits), warp teams per block and pipeline stages per team, from shapes and the device only.
+// Host-only, so that the planner's tests (csrc/tests/test_plan.cpp) need neither nvcc nor a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "nsa_sel/sel_attention.h"
+
+namespace nsa_sel {
+
+struct DeviceInfo {
+  int sm_count = 0;
+  int cc_major = 0;
+  int max_smem_optin = 0;
+};
+
+constexpr int kTileTokens = 64;  // tokens per K/V tile (a pipeline stage)
+
+// Bytes of one tile of 16-bit K and V rows.
+constexpr int tile_bytes_for(int64_t d_k, int64_t d_v) {
+  return static_cast<int>(kTileTokens * (d_k + d_v) * 2);
+}
+
+// Warp teams a block may hold: blocks of one m-tile (h <= 16) two, or four where the tiles are of
+// at most 16 KB (d_k = d_v = 64: 2 stages of each of four teams still fit an SM); one otherwise.
+constexpr int max_teams_for(int m_tiles, int tile_bytes) {
+  return m_tiles != 1 ? 1 : tile_bytes <= 16 * 1024 ? 4 : 2;
+}
+
+// 64-token tiles a row can hold at most (n ranges of at most s_kv tokens), at least 1.
+int64_t tiles_bound(const NsaSelParams& p);
+
+// Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
+// Each honours its NSA_SEL_DEBUG_* knob (read once per process) before its rule.
+int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams);
+int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
+                int max_stages);
+// Whether NSA_SEL_DEBUG_STAGES forces the stage count (the launcher then keeps it as it is).
+bool stages_forced();
+int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
+               int max_teams);
+
+// Whether a one-team block of one m-tile runs the split K/V pipeline (see the kernel's main
+// loop): where it runs one stage.
+bool plan_kv_split(int stages);
+
+// Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
+int plan_pdl_lead();
+
+}  // namespace nsa_sel
