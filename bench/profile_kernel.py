@@ -187,14 +187,14 @@ def sm_report(recs):
     sm_all, end_all, share_all = map(np.concatenate, (sm_ids, ends, share))
     n_sm = int(sm_all.max()) + 1
 
+    def mean_by_sm(sm, end):  # NaN for SMs without a block
+        c = np.bincount(sm, minlength=n_sm)
+        t = np.bincount(sm, weights=end, minlength=n_sm)
+        return np.where(c > 0, t / np.maximum(c, 1), np.nan)
+
     def per_sm(idx):
-        s = np.bincount(np.concatenate([sm_ids[i] for i in idx]), minlength=n_sm)
-        t = np.bincount(
-            np.concatenate([sm_ids[i] for i in idx]),
-            weights=np.concatenate([ends[i] for i in idx]),
-            minlength=n_sm,
-        )
-        return np.where(s > 0, t / np.maximum(s, 1), np.nan)
+        sm = np.concatenate([sm_ids[i] for i in idx])
+        return mean_by_sm(sm, np.concatenate([ends[i] for i in idx]))
 
     k = len(ends)
     even, odd = per_sm(range(0, k, 2)), per_sm(range(1, k, 2))
@@ -208,10 +208,7 @@ def sm_report(recs):
     mode = counts[np.argmax(freq)]
     modal = share_all == mode
     sm_m, end_m = sm_all[modal], end_all[modal]
-    mean_m = np.bincount(sm_m, weights=end_m, minlength=n_sm) / np.maximum(
-        np.bincount(sm_m, minlength=n_sm), 1
-    )
-    between_m = np.var(mean_m[sm_m]) / max(np.var(end_m), 1e-12)
+    between_m = np.var(mean_by_sm(sm_m, end_m)[sm_m]) / max(np.var(end_m), 1e-12)
     lone = [set(sm_ids[i][share[i] == 1].tolist()) for i in range(k)]
     same_lone = np.mean([len(lone[i] & lone[0]) / max(len(lone[0]), 1) for i in range(1, k)])
     by_share = "  ".join(

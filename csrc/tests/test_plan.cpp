@@ -7,7 +7,6 @@
 // against the GPU suite).
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -29,7 +28,7 @@ struct Plan {
 Plan plan_of(const NsaSelParams& p, const DeviceInfo& dev) {
   const int tile = nsa_sel::tile_bytes_for(p.d_k, p.d_v);
   const int max_teams = nsa_sel::max_teams_for(nsa_sel::m_tiles_for_heads(p.h), tile);
-  const int max_stages = std::min(std::max(200 * 1024 / tile, 2), 6);  // DecodeTraits::kStages
+  const int max_stages = nsa_sel::max_stages_for(tile);
   int splits = nsa_sel::plan_splits(p, dev, tile, max_teams);
   const int teams = nsa_sel::plan_teams(p, dev, splits, tile, max_teams);
   return {splits, teams, nsa_sel::plan_stages(p, dev, splits, teams, tile, max_stages)};

@@ -22,6 +22,13 @@ constexpr int tile_bytes_for(int64_t d_k, int64_t d_v) {
   return static_cast<int>(kTileTokens * (d_k + d_v) * 2);
 }
 
+// The most pipeline stages of a team: about 200 KB of tiles (for a block alone on its SM), 2 to 6.
+constexpr int max_stages_for(int tile_bytes) {
+  return 200 * 1024 / tile_bytes < 2   ? 2
+         : 200 * 1024 / tile_bytes > 6 ? 6
+                                       : 200 * 1024 / tile_bytes;
+}
+
 // Warp teams a block may hold: blocks of one m-tile (h <= 16) two, or four where the tiles are of
 // at most 16 KB (d_k = d_v = 64: 2 stages of each of four teams still fit an SM); one otherwise.
 constexpr int max_teams_for(int m_tiles, int tile_bytes) {

@@ -62,12 +62,7 @@ struct DecodeTraits {
   // launch picks the number (2..kStages, plan_stages, or 1 where that makes more blocks
   // resident, the launcher) and sizes shared memory for it.
   static constexpr int kTileBytes = tile_bytes_for(DK, DV);
-  __host__ __device__ static constexpr int stages_for(int budget_bytes) {
-    return budget_bytes / kTileBytes < 2   ? 2
-           : budget_bytes / kTileBytes > 6 ? 6
-                                           : budget_bytes / kTileBytes;
-  }
-  static constexpr int kStages = stages_for(200 * 1024);
+  static constexpr int kStages = max_stages_for(kTileBytes);  // plan.hpp
   static constexpr int kTokBufs = kStages + 1;  // token-index buffers (see the main loop)
   static constexpr int kChunksK = DK * 2 / 16;  // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;
