@@ -956,6 +956,10 @@ def header(roof_bps: Optional[float]) -> str:
             f"# kernel: available={st.get('available')} library={st.get('library')} "
             f"{st.get('reason') or ''}".rstrip()
         )
+        lines.append(
+            f"# eager path: {'C++ fast path' if st.get('fast_path') else 'Python path'} "
+            f"{st.get('fast_path_reason') or ''}".rstrip()
+        )
     except Exception as exc:  # noqa: BLE001
         lines.append(f"# kernel status: n/a ({peerlib._first_line(exc)})")
     lines.append(

@@ -3,7 +3,8 @@
     python3 bench/eager_probe.py [--case m125] [--sets 1 8 64 489]
 
 1. Bursts of 8 calls then a sync (the benchmark's eager pattern, and a research loop's): median
-   wall µs per call and the host time before the sync, with 1 or more rotated input sets.
+   wall µs per call and the host time before the sync, with 1 or more rotated input sets; on
+   the eager fast path (nsa/kernels/_fast.py) and on the Python path.
 2. The pieces of one call, each timed alone over 3000 back-to-back calls: argument validation,
    the output allocation, packing NsaSelParams, the C validation and the C launch through ctypes
    (planning + cudaLaunchKernelEx), and one tiny torch op for scale.
@@ -75,8 +76,17 @@ def pieces(case: str, batch: int, gen, calls: int = 3000) -> list:
     params = pack()
     stream = ck._current_stream(Q.device)
     t = torch.zeros(16, device=Q.device)
+
+    def python_path():
+        ck._fast_enabled = False
+        try:
+            return ck.selection_attention_cuda(Q, K, V, r)
+        finally:
+            ck._fast_enabled = True
+
     fns = {
         "whole call": lambda: ck.selection_attention_cuda(Q, K, V, r),
+        "whole call, Python path": python_path,
         "validate": lambda: validate(Q, K, V, r, None),
         "torch.empty (output)": lambda: torch.empty(
             sizes[:4] + (sizes.Dv,), dtype=V.dtype, device=Q.device
@@ -173,15 +183,15 @@ def bench_eager(spec: str) -> None:
     for item, c in bench_cases(spec):
         inp = bench.make_inputs(c, torch.bfloat16, "cuda", bench.free_bytes())
 
-        def call(r):
+        def call(r, inp=inp):
             K, V = inp.kv(r)
             return ck.selection_attention_cuda(inp.Q[r], K, V, inp.ranges[r], scale=inp.scale)
 
-        def spin(seconds):
+        def spin(seconds, R=inp.R):
             t0 = time.perf_counter()
             k = 0
             while time.perf_counter() - t0 < seconds:
-                call(k % inp.R)
+                call(k % R)
                 k += 1
             torch.cuda.synchronize()
 
@@ -216,8 +226,13 @@ def main():
     if a.after_bench:
         after_bench(a.after_bench, a.case, a.batch, gen)
         return
+    status = ck.kernel_status()
+    print(f"eager fast path: {status['fast_path']} {status['fast_path_reason']}".rstrip())
     for n in a.sets:
         print(bursts(a.case, a.batch, n, gen), flush=True)
+        ck._fast_enabled = False
+        print("  Python path: " + bursts(a.case, a.batch, n, gen), flush=True)
+        ck._fast_enabled = True
     print(f"{a.case} B={a.batch}, each piece alone over 3000 calls:")
     print("\n".join(pieces(a.case, a.batch, gen)))
 

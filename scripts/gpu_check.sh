@@ -3,7 +3,8 @@
 # Uses the python3 there (torch + pytest), the repo via PYTHONPATH, and the googletest source
 # carried in .deps/ (scripts/fetch_gtest.sh, run beforehand on a machine with apt).
 #
-# Steps: configure, build (sm_90), ctest (all suites, GPU included), stages1 (the GPU suite
+# Steps: configure, build (sm_90), fast_path (the eager fast path's torch extension, compiled
+# while CMake builds), ctest (all suites, GPU included), stages1 (the GPU suite
 # again with one pipeline stage forced on every shape: the plan v13 takes on many-wave shapes),
 # teams4 (the GPU suite with NSA_SEL_DEBUG_TEAMS=4: four warp teams on every d=64 shape, two on
 # the others),
@@ -47,6 +48,8 @@ if compgen -G "$root/.whl/*.whl" >/dev/null && ! python3 -c "import fla" 2>/dev/
     --target "$peer_site" "$root"/.whl/*.whl && export PYTHONPATH="$PYTHONPATH:$peer_site"
 fi
 strict_env=(NSA_SEL_CUDA=1 NSA_SEL_CUDA_STRICT=1 NSA_SEL_LIB="$build/libnsa_sel.so")
+# The eager fast path (a torch extension, ~30 s to compile) lives in this cache.
+export NSA_SEL_CACHE_DIR="$build/cache"
 
 names=()
 results=()
@@ -57,7 +60,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build ctest stages1 teams4 pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -138,9 +141,19 @@ shards=(bash "$root/scripts/gpu_check.sh" --shards)
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
+# The fast path compiles (one process, one core) while CMake builds: started here, waited for
+# by its step.
+if [[ " ${STEPS:-fast_path} " == *" fast_path "* ]]; then
+  rm -f "$OUT/fast_path.rc"
+  ( python3 -m nsa.kernels.build_fast_path >"$OUT/fast_path_build.log" 2>&1
+    echo $? >"$OUT/fast_path.rc" ) &
+fi
+
 step configure 90 cmake -S . -B "$build" "${generator[@]}" -DNSA_SEL_WITH_CUDA=ON \
   -DNSA_SEL_CUDA_ARCHS="$archs" -DNSA_SEL_GTEST_SOURCE_DIR="$gtest_dir"
 step build 240 cmake --build "$build" -j"$jobs"
+step fast_path 240 bash -c 'while [[ ! -f "$0/fast_path.rc" ]]; do sleep 1; done
+  cat "$0/fast_path_build.log"; exit "$(cat "$0/fast_path.rc")"' "$OUT"
 step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
 step stages1 120 "${shards[@]}" NSA_SEL_DEBUG_STAGES=1
 step teams4 120 "${shards[@]}" NSA_SEL_DEBUG_TEAMS=4

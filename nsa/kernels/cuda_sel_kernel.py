@@ -11,8 +11,12 @@ Routing of :func:`selection_attention_cuda`:
    ``NSA_SEL_CUDA_STRICT=1``, else warns once per process and returns the reference. A poisoned
    CUDA context (CUDA_STICKY) always raises.
 
-The op is registered as ``torch.ops.nsa.selection_attention`` with a fake implementation, so
-torch.compile(fullgraph=True) traces it; eager calls skip the dispatcher (it costs ~10 us).
+Eager calls on CUDA tensors under ``NSA_SEL_CUDA=1`` try the C++ fast path first (:mod:`._fast`:
+checks, allocation and launch in one C++ call, for the calls the kernel takes as they are); any
+call it does not take, and any launch status but OK, goes down the route above, which owns every
+error and fallback. The op is registered as ``torch.ops.nsa.selection_attention`` with a fake
+implementation, so torch.compile(fullgraph=True) traces it; eager calls skip the dispatcher (it
+costs ~10 us).
 """
 
 import logging
@@ -24,7 +28,7 @@ import torch
 from .. import flags
 from .._validate import Sizes, resolve_scale, validate
 from ..reference import _packed
-from . import _lib
+from . import _fast, _lib
 
 __all__ = ["selection_attention_cuda", "kernel_status"]
 
@@ -38,6 +42,7 @@ _FAILURE_STATUSES = {
     _lib.Status.NOT_BUILT: "the library was built without CUDA",
 }
 _warned = False
+_fast_enabled = True  # the tests switch the eager fast path off to compare the two
 
 try:
     _is_compiling = torch.compiler.is_compiling
@@ -94,7 +99,32 @@ def selection_attention_cuda(
         return torch.ops.nsa.selection_attention(
             Q, K, V, ranges, kv_lens, None if scale is None else float(scale)
         )
+    if _fast_enabled and flags.cuda_enabled() and type(Q) is torch.Tensor and Q.is_cuda:
+        out = _fast_call(Q, K, V, ranges, kv_lens, scale)
+        if out is not None:
+            return out
     return _route(Q, K, V, ranges, kv_lens, scale)
+
+
+def _fast_call(Q, K, V, ranges, kv_lens, scale) -> Optional[torch.Tensor]:
+    """The eager fast path (:mod:`._fast`): the output, or None for the Python path.
+
+    None whenever the extension is absent or the call is not one the kernel takes as it is; the
+    Python path then decides (errors, fallbacks), so a None is never an answer. A launch that
+    failed is not retried here: the Python path launches again and reports its status.
+    """
+    index = Q.get_device()
+    try:
+        lib = _lib.get_library(index)
+    except _lib.LibraryUnavailable:
+        return None
+    launcher = lib._fast_launcher if hasattr(lib, "_fast_launcher") else _fast.launcher_for(lib)
+    if launcher is None:
+        return None
+    # kv_lens values are checked (one host sync) as validate() checks them: not while capturing.
+    check = kv_lens is not None and not torch.cuda.is_current_stream_capturing()
+    stream = _raw_stream(index) if _raw_stream is not None else _current_stream(Q.device)
+    return launcher(Q, K, V, ranges, kv_lens, scale, stream, check)
 
 
 def _route(Q, K, V, ranges, kv_lens, scale) -> torch.Tensor:
@@ -123,31 +153,14 @@ def _run_kernel(Q, K, V, ranges, kv_lens, scale: float, sizes: Sizes) -> torch.T
     except _lib.LibraryUnavailable as e:
         return _fallback(f"library unavailable: {e.reason}", Q, K, V, ranges, kv_lens, scale, sizes)
     # Only a non-contiguous last dim forces a copy; any other strides go to the kernel as-is.
-    q_st, k_st, v_st = Q.stride(), K.stride(), V.stride()
-    if q_st[-1] != 1:
+    if Q.stride(-1) != 1:
         Q = Q.contiguous()
-        q_st = Q.stride()
-    if k_st[-1] != 1:
+    if K.stride(-1) != 1:
         K = K.contiguous()
-        k_st = K.stride()
-    if v_st[-1] != 1:
+    if V.stride(-1) != 1:
         V = V.contiguous()
-        v_st = V.stride()
     out = torch.empty(sizes[:4] + (sizes.Dv,), dtype=V.dtype, device=dev)
-    if kv_lens is None:
-        kv_ptr = kv_stride = kv_type = 0
-    else:
-        kv_ptr = kv_lens.data_ptr()
-        kv_stride = kv_lens.stride(0)
-        kv_type = _INDEX_CODE[kv_lens.dtype]
-    # fmt: off
-    params = _lib.pack_params(
-        Q.data_ptr(), K.data_ptr(), V.data_ptr(), ranges.data_ptr(), kv_ptr, out.data_ptr(),
-        *sizes,  # b, s, g, h, d_k, d_v, s_kv, n
-        *q_st, *k_st, *v_st, *out.stride(), *ranges.stride(), kv_stride,
-        scale, _DTYPE_CODE[Q.dtype], _INDEX_CODE[ranges.dtype], kv_type,
-    )
-    # fmt: on
+    params = _pack(Q, K, V, ranges, kv_lens, scale, sizes, out)
     status, message = lib.launch(params, index, _current_stream(dev))
     if status == 0:
         return out
@@ -165,6 +178,24 @@ def _run_kernel(Q, K, V, ranges, kv_lens, scale: float, sizes: Sizes) -> torch.T
     return _fallback(
         f"{what}: {message}" if message else what, Q, K, V, ranges, kv_lens, scale, sizes
     )
+
+
+def _pack(Q, K, V, ranges, kv_lens, scale: float, sizes: Sizes, out) -> bytes:
+    """NsaSelParams of one call, as bytes (the last dims of Q, K, V already of stride 1)."""
+    if kv_lens is None:
+        kv_ptr = kv_stride = kv_type = 0
+    else:
+        kv_ptr = kv_lens.data_ptr()
+        kv_stride = kv_lens.stride(0)
+        kv_type = _INDEX_CODE[kv_lens.dtype]
+    # fmt: off
+    return _lib.pack_params(
+        Q.data_ptr(), K.data_ptr(), V.data_ptr(), ranges.data_ptr(), kv_ptr, out.data_ptr(),
+        *sizes,  # b, s, g, h, d_k, d_v, s_kv, n
+        *Q.stride(), *K.stride(), *V.stride(), *out.stride(), *ranges.stride(), kv_stride,
+        scale, _DTYPE_CODE[Q.dtype], _INDEX_CODE[ranges.dtype], kv_type,
+    )
+    # fmt: on
 
 
 def _fallback(reason: str, Q, K, V, ranges, kv_lens, scale, sizes) -> torch.Tensor:
@@ -191,8 +222,9 @@ def kernel_status(device=None, *, build: bool = False) -> dict:
     """Whether the CUDA library can be used on ``device`` and, if not, why (never raises).
 
     ``build=False`` only looks (no build even under NSA_SEL_CUDA_BUILD=1); ``build=True``
-    follows NSA_SEL_CUDA_BUILD. Keys: enabled, strict, available, reason, library,
-    built_with_cuda.
+    follows NSA_SEL_CUDA_BUILD (the library and the eager fast path). Keys: enabled, strict,
+    available, reason, library, built_with_cuda, fast_path (eager calls take the C++ fast path of
+    :mod:`._fast`) and fast_path_reason (why not, else "").
     """
     status = {
         "enabled": flags.cuda_enabled(),
@@ -201,6 +233,8 @@ def kernel_status(device=None, *, build: bool = False) -> dict:
         "reason": "",
         "library": None,
         "built_with_cuda": None,
+        "fast_path": False,
+        "fast_path_reason": "",
     }
     try:
         index = None
@@ -219,6 +253,17 @@ def kernel_status(device=None, *, build: bool = False) -> dict:
         status["reason"] = "no CUDA device is visible to torch"
     else:
         status["available"] = True
+    if not status["available"]:
+        status["fast_path_reason"] = "the kernel is not available"
+        return status
+    try:
+        module = _fast.load_module(build_missing=None if build else False)
+        module.Launcher(lib.path)  # binds (ABI, symbols) as the calls will
+        status["fast_path"] = True
+    except _lib.LibraryUnavailable as e:
+        status["fast_path_reason"] = e.reason
+    except Exception as e:  # noqa: BLE001 (a library the extension cannot bind)
+        status["fast_path_reason"] = f"the eager fast path cannot bind {lib.path}: {e}"
     return status
 
 

@@ -257,7 +257,16 @@ def test_real_loader_without_gpu_falls_back(kernel_path, nsa_env, monkeypatch):
 
 def test_kernel_status_reports_a_reason(nsa_env):
     status = kernel_status()
-    assert set(status) == {"enabled", "strict", "available", "reason", "library", "built_with_cuda"}
+    assert set(status) == {
+        "enabled",
+        "strict",
+        "available",
+        "reason",
+        "library",
+        "built_with_cuda",
+        "fast_path",
+        "fast_path_reason",
+    }
     if not torch.cuda.is_available():
         assert status["available"] is False and status["reason"]
 
