@@ -10,8 +10,8 @@
 # the others),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
 # *Sanitizer* (racecheck again with one stage forced, and with four teams), bench.
-# STEPS="configure build bench" runs a subset (for performance iterations); BENCH_ARGS replaces
-# the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
+# STEPS="configure build fast_path bench" runs a subset (for performance iterations);
+# BENCH_ARGS replaces the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
 # step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes.
 # Each step's log goes to $OUT/<step>.log; a failing step does not stop the next ones; a summary
 # table closes the run, and the exit status is non-zero if any step failed. The whole run keeps
