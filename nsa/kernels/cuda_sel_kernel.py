@@ -99,6 +99,11 @@ def selection_attention_cuda(
         return torch.ops.nsa.selection_attention(
             Q, K, V, ranges, kv_lens, None if scale is None else float(scale)
         )
+    return _call(Q, K, V, ranges, kv_lens, scale)
+
+
+def _call(Q, K, V, ranges, kv_lens, scale) -> torch.Tensor:
+    """One eager call (also the custom op's body): the fast path, else the Python route."""
     if _fast_enabled and flags.cuda_enabled() and type(Q) is torch.Tensor and Q.is_cuda:
         out = _fast_call(Q, K, V, ranges, kv_lens, scale)
         if out is not None:
@@ -280,7 +285,7 @@ def _selection_attention_op(
     kv_lens: Optional[torch.Tensor],
     scale: Optional[float],
 ) -> torch.Tensor:
-    return _route(Q, K, V, ranges, kv_lens, scale)
+    return _call(Q, K, V, ranges, kv_lens, scale)
 
 
 @_selection_attention_op.register_fake

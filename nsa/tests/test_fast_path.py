@@ -223,9 +223,12 @@ def test_gpu_eager_calls_take_the_fast_path(strict_cuda):
         raise AssertionError("the eager call took the Python path")
 
     a = cuda_case(kv_lens=True)
+    args = (a["Q"], a["K"], a["V"], a["ranges"])
     strict_cuda.setattr(csk, "_route", no_python_path)
-    out = csk.selection_attention_cuda(a["Q"], a["K"], a["V"], a["ranges"], kv_lens=a["kv_lens"])
+    out = csk.selection_attention_cuda(*args, kv_lens=a["kv_lens"])
     assert out.shape == (2, 1, 3, 4, 64) and out.dtype == torch.float16
+    # The custom op (what a torch.compile graph calls at run time) takes it too.
+    assert torch.equal(torch.ops.nsa.selection_attention(*args, a["kv_lens"], None), out)
 
 
 GPU_CASES = {

@@ -29,6 +29,19 @@ struct KernelCache {
   std::atomic<uint64_t> clusters[kMaxDevices][4];
 };
 
+// One cached occupancy answer: (smem << 32 | answer + 1), 0 while empty. An entry answers for
+// the shared-memory size it was asked with only.
+inline bool cached_answer(const std::atomic<uint64_t>& entry, int smem, int* answer) {
+  const uint64_t e = entry.load(std::memory_order_relaxed);
+  if (e == 0 || static_cast<int>(e >> 32) != smem) return false;
+  *answer = static_cast<int>(e & 0xffffffffu) - 1;
+  return true;
+}
+inline void store_answer(std::atomic<uint64_t>& entry, int smem, int answer) {
+  entry.store(static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(answer + 1),
+              std::memory_order_relaxed);
+}
+
 // Raises the kernel's dynamic shared-memory limit to smem once per device and size (idempotent,
 // so a race between threads only repeats the call).
 template <typename Kernel>
@@ -49,14 +62,10 @@ NsaSelStatus allow_smem(Kernel kernel, KernelCache& cache, int device, int smem)
 template <typename Kernel>
 bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int smem, int threads,
                   int64_t rows) {
-  auto& cache = kc.clusters;
   const int slot = splits == 2 ? 0 : splits == 4 ? 1 : splits == 8 ? 2 : 3;
   const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached) {
-    const uint64_t e = cache[device][slot].load(std::memory_order_relaxed);
-    if (e != 0 && static_cast<int>(e >> 32) == smem)
-      return rows <= static_cast<int64_t>(e & 0xffffffffu) - 1;
-  }
+  int clusters = 0;
+  if (cached && cached_answer(kc.clusters[device][slot], smem, &clusters)) return rows <= clusters;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(splits));
   cfg.blockDim = dim3(threads);
@@ -68,15 +77,11 @@ bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int sm
   attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query is not an error of this call: plan without it
     return false;
   }
-  if (cached)
-    cache[device][slot].store(
-        static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(clusters + 1),
-        std::memory_order_relaxed);
+  if (cached) store_answer(kc.clusters[device][slot], smem, clusters);
   return rows <= clusters;
 }
 
@@ -87,18 +92,13 @@ template <typename Kernel>
 int blocks_per_sm(Kernel kernel, std::atomic<uint64_t> (&cache)[kMaxDevices][8], int device,
                   int stages, int threads, int smem) {
   const bool cached = device >= 0 && device < kMaxDevices && stages >= 0 && stages < 8;
-  if (cached) {
-    const uint64_t e = cache[device][stages].load(std::memory_order_relaxed);
-    if (e != 0 && static_cast<int>(e >> 32) == smem) return static_cast<int>(e & 0xffffffffu) - 1;
-  }
   int nb = 0;
+  if (cached && cached_answer(cache[device][stages], smem, &nb)) return nb;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query is not an error of this call: plan without it
     return 0;
   }
-  if (cached)
-    cache[device][stages].store(static_cast<uint64_t>(smem) << 32 | static_cast<uint32_t>(nb + 1),
-                                std::memory_order_relaxed);
+  if (cached) store_answer(cache[device][stages], smem, nb);
   return nb;
 }
 
