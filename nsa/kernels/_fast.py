@@ -33,7 +33,7 @@ SOURCE = Path("csrc") / "torch" / "nsa_sel_torch.cpp"
 HEADER = Path("csrc") / "include" / "nsa_sel" / "sel_attention.h"
 
 _LOCK = threading.Lock()
-_MODULES: dict = {}  # (cache dir, build flag) -> module | reason (str)
+_MODULES: dict = {}  # (cache dir, build flag) -> module | LibraryUnavailable
 
 
 def ext_tag(root: Path) -> str:
@@ -124,22 +124,23 @@ def load_module(*, build_missing: Optional[bool] = None, cache: Optional[Path] =
     """
     cache = flags.cache_dir() if cache is None else cache
     build_missing = flags.build_enabled() if build_missing is None else build_missing
-    key = (str(cache), build_missing)
-    hit = _MODULES.get(key)
-    if hit is None:
-        with _LOCK:
-            hit = _MODULES.get(key)
-            if hit is None:
-                try:
-                    hit = _find_or_build(cache, build_missing)
-                except _lib.LibraryUnavailable as e:
-                    hit = e.reason
-                except Exception as e:  # an unreadable or foreign file in the cache
-                    hit = f"the eager fast path failed to load: {type(e).__name__}: {e}"
-                _MODULES[key] = hit
-    if isinstance(hit, str):
-        raise _lib.LibraryUnavailable(hit)
+    hit = _lib.memoized(
+        _MODULES, _LOCK, (str(cache), build_missing), lambda: _load(cache, build_missing)
+    )
+    if isinstance(hit, _lib.LibraryUnavailable):
+        raise _lib.LibraryUnavailable(hit.reason)  # a fresh exception: no traceback pile-up
     return hit
+
+
+def _load(cache: Path, build_missing: bool):
+    try:
+        return _find_or_build(cache, build_missing)
+    except _lib.LibraryUnavailable:
+        raise
+    except Exception as e:  # an unreadable or foreign file in the cache
+        raise _lib.LibraryUnavailable(
+            f"the eager fast path failed to load: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _find_or_build(cache: Path, build_missing: bool):

@@ -471,6 +471,22 @@ def _resolve(config: tuple, device_index: Optional[int]) -> Library:
     return load_cached(device_arch(device_index), build=build)
 
 
+def memoized(cache: dict, lock, key, make):
+    """``cache[key]``, made once by ``make()`` under ``lock``; a LibraryUnavailable that ``make``
+    raises is the cached answer (returned, not raised), so a failure is not retried per call."""
+    hit = cache.get(key)
+    if hit is None:
+        with lock:
+            hit = cache.get(key)
+            if hit is None:
+                try:
+                    hit = make()
+                except LibraryUnavailable as e:
+                    hit = e
+                cache[key] = hit
+    return hit
+
+
 def get_library(device_index: Optional[int] = None, *, build: Optional[bool] = None) -> Library:
     """The library for CUDA device ``device_index`` (cached); raises LibraryUnavailable.
 
@@ -480,16 +496,9 @@ def get_library(device_index: Optional[int] = None, *, build: Optional[bool] = N
     if build is not None:
         config = (config[0], build, config[2])
     key = (config, None if config[0] else device_index)
-    hit = _CACHE.get(key)
+    hit = _CACHE.get(key)  # the hot path: one look-up
     if hit is None:
-        with _CACHE_LOCK:
-            hit = _CACHE.get(key)
-            if hit is None:
-                try:
-                    hit = _resolve(config, device_index)
-                except LibraryUnavailable as e:
-                    hit = e
-                _CACHE[key] = hit
+        hit = memoized(_CACHE, _CACHE_LOCK, key, lambda: _resolve(config, device_index))
     if type(hit) is Library:
         return hit
     raise LibraryUnavailable(hit.reason)  # a fresh exception: no traceback pile-up

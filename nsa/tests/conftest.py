@@ -3,7 +3,7 @@
 - Tests marked ``gpu`` are skipped (reported as skipped, never passed) when torch sees no CUDA
   device, so every module collects on a CPU-only machine.
 - ``nsa_env``: a clean flag environment for one test (NSA_SEL_CUDA/_BUILD/_STRICT unset, a
-  private NSA_SEL_CACHE_DIR, NSA_SEL_LIB kept as the caller set it), with the loader cache and the
+  private NSA_SEL_CACHE_DIR, NSA_SEL_LIB kept as the caller set it), with the loader caches and the
   once-per-process warning reset before and after. Not autouse: the GPU suites set flags on
   purpose.
 - ``make_case``: random inputs of given sizes (see its docstring).
@@ -27,9 +27,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _reset_package_state():
-    from nsa.kernels import _lib, cuda_sel_kernel
+    from nsa.kernels import _fast, _lib, cuda_sel_kernel
 
     _lib.clear_cache()
+    _fast.clear_cache()
     cuda_sel_kernel._warned = False
 
 

@@ -184,9 +184,19 @@ def test_tag_follows_sources_and_torch(tmp_path, monkeypatch):
     assert _fast.ext_tag(root) != changed
 
 
-def test_missing_extension_names_the_remedy_and_is_cached(nsa_env, tmp_path):
-    with pytest.raises(_lib.LibraryUnavailable, match="build_fast_path.*NSA_SEL_CUDA_BUILD=1"):
-        _fast.load_module(build_missing=False, cache=tmp_path / "empty")
+def test_missing_extension_names_the_remedy_and_is_cached(nsa_env, tmp_path, monkeypatch):
+    looks = []
+    find = _fast._find_or_build
+    monkeypatch.setattr(_fast, "_find_or_build", lambda *a: looks.append(1) or find(*a))
+    for _ in range(2):
+        with pytest.raises(_lib.LibraryUnavailable, match="build_fast_path.*NSA_SEL_CUDA_BUILD=1"):
+            _fast.load_module(build_missing=False, cache=tmp_path / "empty")
+    assert looks == [1]  # the failure is the cached answer, not retried per call
+    monkeypatch.setattr(_fast, "_find_or_build", lambda *a: 1 / 0)
+    with pytest.raises(_lib.LibraryUnavailable, match="failed to load: ZeroDivisionError"):
+        _fast.load_module(build_missing=False, cache=tmp_path / "other")
+    monkeypatch.setattr(_fast, "_find_or_build", find)
+    _fast.clear_cache()
 
     class Lib:
         path = "/fake/libnsa_sel.so"
