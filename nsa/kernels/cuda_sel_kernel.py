@@ -123,7 +123,7 @@ def _fast_call(Q, K, V, ranges, kv_lens, scale) -> Optional[torch.Tensor]:
         lib = _lib.get_library(index)
     except _lib.LibraryUnavailable:
         return None
-    launcher = lib._fast_launcher if hasattr(lib, "_fast_launcher") else _fast.launcher_for(lib)
+    launcher = _fast.launcher_for(lib)  # cached on lib
     if launcher is None:
         return None
     # kv_lens values are checked (one host sync) as validate() checks them: not while capturing.
