@@ -55,4 +55,8 @@ bool plan_kv_split(int stages);
 // Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
 int plan_pdl_lead();
 
+// Under NSA_SEL_DEBUG_PLAN=1, prints a launch's final plan once per distinct plan (stderr).
+void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split,
+                 int smem);
+
 }  // namespace nsa_sel

@@ -5,7 +5,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
 
 #include "sel_decode_launch.cuh"
 
@@ -112,6 +116,26 @@ int debug_knob(const char* name) {
 }
 }  // namespace
 
+// NSA_SEL_DEBUG_PLAN=1: each distinct plan a launch ends with, once per process, on stderr, for
+// tuning runs (what a forced knob and the launcher's occupancy checks left).
+void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split,
+                 int smem) {
+  static const bool on = debug_knob("NSA_SEL_DEBUG_PLAN") == 1;
+  if (!on) return;
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "nsa_sel plan: b=%lld g=%lld h=%lld d=%lld/%lld n=%lld -> splits=%d teams=%d "
+                "stages=%d kv_split=%d smem=%d\n",
+                static_cast<long long>(p.b), static_cast<long long>(p.g),
+                static_cast<long long>(p.h), static_cast<long long>(p.d_k),
+                static_cast<long long>(p.d_v), static_cast<long long>(p.n), splits, teams, stages,
+                kv_split ? 1 : 0, smem);
+  static std::mutex mu;
+  static std::set<std::string> seen;
+  std::lock_guard<std::mutex> lock(mu);
+  if (seen.insert(line).second) std::fputs(line, stderr);
+}
+
 // Rounds of the main loop before its end at which each block lets the next kernel in the stream
 // launch (programmatic dependent launch).
 int plan_pdl_lead() {
@@ -204,7 +228,14 @@ bool stages_forced() {
 // tiles: nsa27b B=4 10.4 us (4 splits, 2 teams) against 10.6 (8 splits, 1 team), d128 B=4 9.3
 // against 9.8, m125 B=16 8.6 (2 splits) against 9.3 (4); but over 32 blocks or fewer, where each
 // SM's own intake limits the load, halving lost (m125 B=4 6.3 against 5.9, nsa27b B=1 7.6
-// against 6.8). `splits` is updated in place. The launcher drops the second team (and restores
+// against 6.8). Nor where each of two teams would still expect 4 tiles or more without the
+// halving: the blocks are then long enough to stream on twice the SMs. Measured on the H200
+// (NOTES.md v17, cold graph us, two runs): nsa27b B=16 15.3 / 15.3 with 2 splits x 2 teams
+// against 17.0 / 17.1 unsplit, d128 B=16 13.2 / 13.2 against 15.5 / 15.5; where they would
+// expect 2, halving still won: nsa27b B=8 11.3 (2 splits x 2 teams) against 12.6 (4 x 2), d128
+// B=8 10.4 against 10.9, nsa27b B=4 8.8 (4 x 2) against 9.1 (8 x 2), d128 B=4 8.0 against 8.7.
+// (On the H100, in v11, the unsplit plan was 0.3-0.5 us ahead at B=16.) `splits` is updated in
+// place. The launcher drops the second team (and restores
 // the splits) when the clusters would not all fit on the GPU at once (sel_decode_launch.cuh).
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams) {
@@ -217,7 +248,7 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
   const int64_t rows = p.b * p.g;
   if (max_teams < 2 || rows * splits > dev.sm_count) return 1;
   int teams = 1;
-  if (!splits_forced && splits >= 2 && p.n >= 4 * (splits / 2) &&
+  if (!splits_forced && splits >= 2 && p.n >= 4 * (splits / 2) && p.n < 8 * splits &&
       3 * rows * (splits / 2) >= dev.sm_count) {
     splits /= 2;
     teams = 2;

@@ -212,6 +212,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     }
   }
   const int smem = smem_now();
+  report_plan(p, splits, teams, stages, kv_split, smem);
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
 
