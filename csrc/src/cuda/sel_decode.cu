@@ -235,8 +235,8 @@ bool stages_forced() {
 // expect 2, halving still won: nsa27b B=8 11.3 (2 splits x 2 teams) against 12.6 (4 x 2), d128
 // B=8 10.4 against 10.9, nsa27b B=4 8.8 (4 x 2) against 9.1 (8 x 2), d128 B=4 8.0 against 8.7.
 // (On the H100, in v11, the unsplit plan was 0.3-0.5 us ahead at B=16.) `splits` is updated in
-// place. The launcher drops the second team (and restores
-// the splits) when the clusters would not all fit on the GPU at once (sel_decode_launch.cuh).
+// place. The launcher drops the second team (and restores the splits) when the clusters would
+// not all fit on the GPU at once (sel_decode_launch.cuh).
 int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int tile_bytes,
                int max_teams) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_TEAMS");
