@@ -343,7 +343,7 @@ def main():
     cold = graph_us(csets, a.calls)
     knob = {
         k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0")
-        for k in ("splits", "stages", "teams", "pdl_lead", "kvsplit", "bulk")
+        for k in ("splits", "stages", "teams", "pdl_lead", "kvsplit")
     }
     tag = " ".join(f"{k}={'auto' if v in ('', '0') else v}" for k, v in knob.items())
     print(

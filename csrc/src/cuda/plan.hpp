@@ -52,13 +52,11 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
 // loop): where it runs one stage.
 bool plan_kv_split(int stages);
 
-// Whether a launch runs the bulk-copy pipeline (NSA_SEL_DEBUG_BULK=2; experiment, off by default).
-bool plan_bulk();
-
 // Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
 int plan_pdl_lead();
 
 // Under NSA_SEL_DEBUG_PLAN=1, prints a launch's final plan once per distinct plan (stderr).
-void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split, int smem);
+void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split,
+                 int smem);
 
 }  // namespace nsa_sel

@@ -136,11 +136,6 @@ void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool 
   if (seen.insert(line).second) std::fputs(line, stderr);
 }
 
-bool plan_bulk() {
-  static const bool on = debug_knob("NSA_SEL_DEBUG_BULK") == 2;
-  return on;
-}
-
 // Rounds of the main loop before its end at which each block lets the next kernel in the stream
 // launch (programmatic dependent launch).
 int plan_pdl_lead() {

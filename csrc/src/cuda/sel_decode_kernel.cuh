@@ -42,7 +42,7 @@ namespace nsa_sel {
 // non-portable size, measured slower at B=1: nsa27b 8.3 us against 7.1 with 8.)
 constexpr int kMaxSplits = 8;
 
-template <typename T, int DK, int DV, int MT, bool BULK = false>
+template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {
   static constexpr int kTile = kTileTokens;       // tokens per pipeline stage
   static constexpr int kWarps = MT == 1 ? 4 : 8;  // warps of one team: 128 or 256 threads
@@ -61,13 +61,8 @@ struct DecodeTraits {
   // kStages is the most stages (up to about 200 KB of tiles, for a block alone on its SM); the
   // launch picks the number (2..kStages, plan_stages, or 1 where that makes more blocks
   // resident, the launcher) and sizes shared memory for it.
-  // With BULK (Hopper bulk copies, one per K or V row) a row is 16 bytes longer in shared memory
-  // than in global memory: the padding, not an XOR swizzle, spreads the 8 rows an ldmatrix reads
-  // over all banks (a bulk copy writes its row contiguously).
-  static constexpr int kKRowBytes = DK * 2 + (BULK ? 16 : 0);
-  static constexpr int kVRowBytes = DV * 2 + (BULK ? 16 : 0);
-  static constexpr int kTileBytes = kTileTokens * (kKRowBytes + kVRowBytes);
-  static constexpr int kStages = max_stages_for(tile_bytes_for(DK, DV));  // plan.hpp
+  static constexpr int kTileBytes = tile_bytes_for(DK, DV);
+  static constexpr int kStages = max_stages_for(kTileBytes);  // plan.hpp
   static constexpr int kTokBufs = kStages + 1;  // token-index buffers (see the main loop)
   static constexpr int kChunksK = DK * 2 / 16;  // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;
@@ -86,7 +81,7 @@ struct DecodeTraits {
 
   // Shared memory layout (bytes), all offsets multiples of 16; per-team areas are indexed by team.
   static constexpr int kQBytes = kHeads * DK * 2;
-  static constexpr int kKStageBytes = kTile * kKRowBytes;  // a stage: K rows, then V rows
+  static constexpr int kKStageBytes = kTile * DK * 2;  // a stage: K rows, then V rows
   // After the main loop the K/V stages are reused for the merges.
   static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
   static constexpr int kMergeBytes = kSlices * kStateBytes;        // per team
@@ -109,14 +104,9 @@ struct DecodeTraits {
   __host__ __device__ static constexpr int off_ranges(int stages, int splits, int teams) {
     return off_recv(stages, teams) + (splits > 1 ? kRecvArea : 0);
   }
-  // BULK: one mbarrier per team and stage (8-byte aligned: every offset above is a multiple of
-  // 16 and the ranges area 8 n + 16 bytes).
-  __host__ __device__ static constexpr int off_bars(int64_t n, int stages, int splits, int teams) {
-    return off_ranges(stages, splits, teams) + static_cast<int>(n) * 8 + 16;
-  }
   __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits,
                                                       int teams) {
-    return off_bars(n, stages, splits, teams) + (BULK ? teams * kStages * 8 : 0);
+    return off_ranges(stages, splits, teams) + static_cast<int>(n) * 8 + 16;
   }
 };
 
@@ -183,11 +173,9 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
                : "memory");
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-#ifdef NSA_SEL_HAS_CLUSTERS
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
                "r"(bytes)
                : "memory");
-#endif
 }
 // Waits for phase 0 of the barrier, with acquire semantics at cluster scope (the peers' st.async
 // data is visible afterwards).
@@ -202,38 +190,6 @@ __device__ __forceinline__ void mbar_wait_phase0_cluster(uint64_t* bar) {
         : "r"(smem_addr(bar))
         : "memory");
   } while (!done);
-}
-// Bulk-copy pipeline (sm_90, BULK): each K or V row of a tile is one cp.async.bulk whose bytes
-// complete the stage's mbarrier; every issuing thread arrives once (with the bytes it expects),
-// so the phase completes when all rows of the tile have landed.
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-#ifdef NSA_SEL_HAS_CLUSTERS
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity) {
-#ifdef NSA_SEL_HAS_CLUSTERS
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n"
-        " mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-#endif
-}
-__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes,
-                                         uint64_t* bar) {
-#ifdef NSA_SEL_HAS_CLUSTERS
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
-#endif
 }
 // The shared::cluster address of `local` (an address of this block's shared memory) in block
 // `rank` of the cluster.
@@ -362,20 +318,13 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 
 // (clang-format reads the product in __launch_bounds__ as a pointer type.)
 // clang-format off
-template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false, bool BULK = false>
+template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
                       const int stages, const int pdl_lead, unsigned long long* trace) {
   // clang-format on
-  using Tr = DecodeTraits<T, DK, DV, MT, BULK>;
+  using Tr = DecodeTraits<T, DK, DV, MT>;
   static_assert(TEAMS >= 1 && TEAMS <= Tr::kMaxTeams, "unsupported team count");
-  // BULK: K/V rows by Hopper bulk copies into padded rows, one mbarrier per stage (sm_90 only;
-  // the launcher never launches it below).
-  static_assert(!(BULK && KV_SPLIT), "the bulk-copy pipeline has no split K/V variant");
-  static_assert(!BULK || 2 * Tr::kTile <= Tr::kThreads, "a bulk tile needs a thread per row");
-#ifndef NSA_SEL_HAS_CLUSTERS
-  if constexpr (BULK) __trap();
-#endif
   // K and V as copy groups of their own (see the main loop): one-team blocks only, where every
   // thread meets the same barriers in every round.
   static_assert(!KV_SPLIT || TEAMS == 1, "the split K/V pipeline is for one-team blocks");
@@ -395,14 +344,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       reinterpret_cast<int32_t*>(smem + Tr::off_ranges(stages, splits, teams));  // [n]
   int32_t* key_s = excl_s + p.n;                                                 // [n]
   int32_t* total_s = key_s + p.n;                                                // [1]
-  // BULK: this team's stage barriers [stages] (their phase k is the stage's k-th tile).
-  uint64_t* bars_s = reinterpret_cast<uint64_t*>(smem + Tr::off_bars(p.n, stages, splits, teams)) +
-                     team * Tr::kStages;
-  if constexpr (BULK) {
-    if (ttid == 0)
-      for (int st = 0; st < stages; ++st) mbar_init(bars_s + st, 2 * Tr::kTile);
-    // (Visible to the team after the __syncthreads that publishes the ranges.)
-  }
 
   unsigned long long* trace_rec =
       trace != nullptr && blockIdx.x < kTraceMaxBlocks ? trace + blockIdx.x * kTraceWords : nullptr;
@@ -561,54 +502,26 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
     unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
     unsigned char* v_st = k_st + Tr::kKStageBytes;
-    if constexpr (BULK) {
-      // Thread r < 64 copies K row r of the tile, thread 64 + r its V row, each one bulk copy
-      // counted on the stage's barrier. Past the selection's end a K row stays as it is (its
-      // score is masked to -inf) and a V row is zeroed (p = 0 must meet finite values); that
-      // happens in a block's last tile only, so no bulk copy writes those rows afterwards.
-      if (ttid < 2 * Tr::kTile) {
-        const bool is_v = ttid >= Tr::kTile;
-        const int r = is_v ? ttid - Tr::kTile : ttid;
-        const int t = tok[r];
-        uint64_t* bar = bars_s + stage;
-        if (t >= 0) {
-          const uint32_t bytes = is_v ? DV * 2 : DK * 2;
-          const T* src = is_v ? v_row + static_cast<int64_t>(t) * p.v_stride_t
-                              : k_row + static_cast<int64_t>(t) * p.k_stride_t;
-          unsigned char* dst = is_v ? v_st + r * Tr::kVRowBytes : k_st + r * Tr::kKRowBytes;
-          mbar_arrive_expect_tx(bar, bytes);
-          bulk_g2s(dst, src, bytes, bar);
-        } else {
-          if (is_v) {
-            uint4* dst = reinterpret_cast<uint4*>(v_st + r * Tr::kVRowBytes);
 #pragma unroll
-            for (int c = 0; c < Tr::kChunksV; ++c) dst[c] = make_uint4(0, 0, 0, 0);
-          }
-          mbar_arrive(bar);
-        }
+    for (int pass = 0; pass < Tr::kTile / kRowsPerPass; ++pass) {
+      const int r = ld_row + pass * kRowsPerPass;
+      const int t = tok[r];
+      const bool valid = t >= 0;
+      const T* k_src =
+          k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (ttid & 7) * 8;
+      const T* v_src =
+          v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
+      unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
+      unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
+      if (do_k) {
+#pragma unroll
+        for (int j = 0; j < Tr::kChunksK / 8; ++j)
+          cp_async16(k_dst + j * 128, k_src + j * 64, valid);
       }
-    } else {
+      if (do_v) {
 #pragma unroll
-      for (int pass = 0; pass < Tr::kTile / kRowsPerPass; ++pass) {
-        const int r = ld_row + pass * kRowsPerPass;
-        const int t = tok[r];
-        const bool valid = t >= 0;
-        const T* k_src =
-            k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (ttid & 7) * 8;
-        const T* v_src =
-            v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
-        unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
-        unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
-        if (do_k) {
-#pragma unroll
-          for (int j = 0; j < Tr::kChunksK / 8; ++j)
-            cp_async16(k_dst + j * 128, k_src + j * 64, valid);
-        }
-        if (do_v) {
-#pragma unroll
-          for (int j = 0; j < Tr::kChunksV / 8; ++j)
-            cp_async16(v_dst + j * 128, v_src + j * 64, valid);
-        }
+        for (int j = 0; j < Tr::kChunksV / 8; ++j)
+          cp_async16(v_dst + j * 128, v_src + j * 64, valid);
       }
     }
   };
@@ -643,19 +556,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       cp_async_commit();
     }
   }
-  if constexpr (BULK) {
-    // Q is the only cp.async group: the stage barriers do not cover it.
-    cp_async_wait<0>();
-    team_sync<TEAMS, Tr::kThreads>(team);
-  }
   int st_use = 0;            // stage of tile it
   int st_fill = stages - 1;  // stage of tile it + stages - 1
 
-  // Byte offset of 16-byte chunk `chunk` of K/V row `row` in a stage: swizzled, or padded rows
-  // (BULK).
-  auto kv_off = [](int row, int chunk, int chunks) {
-    return BULK ? (row * (chunks + 1) + chunk) * 16 : swz(row, chunk, chunks);
-  };
   const int lr = lane & 7;   // row within an 8x8 ldmatrix matrix
   const int lm = lane >> 3;  // which of the 4 matrices this lane addresses
   const int tok0 = slice * Tr::kTokPerWarp;
@@ -702,18 +605,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       if (nxt < team_tiles) fill_tok(nxt);
       team_sync<TEAMS, Tr::kThreads>(team);
       if (nxt < team_tiles) issue_loads(nxt, st_fill);
-      if constexpr (!BULK) {
-        cp_async_commit();
-        cp_async_wait_rt(stages - 1);
-      }
+      cp_async_commit();
+      cp_async_wait_rt(stages - 1);
     }
-    if constexpr (BULK) {
-      // Each thread waits for the tile's barrier itself (acquire): no team barrier.
-      if (TEAMS > 1 && it >= team_tiles) continue;  // team-uniform; only in the last round
-      mbar_wait_parity(bars_s + st_use, static_cast<uint32_t>((it / stages) & 1));
-    } else {
-      team_sync<TEAMS, Tr::kThreads>(team);
-    }
+    team_sync<TEAMS, Tr::kThreads>(team);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
     if (TEAMS > 1 && it >= team_tiles) continue;  // team-uniform; only in the last round
     if constexpr (kQInRegs) {
@@ -748,8 +643,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
       for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, smem_addr(k_st + kv_off(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
-                                                2 * kk + (lm & 1), Tr::kChunksK)));
+        ldmatrix_x4(kb, smem_addr(k_st + swz(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
+                                             2 * kk + (lm & 1), Tr::kChunksK)));
         float (&acc)[kNB][4] = s[kk % kChains];
         mma16816<T>(acc[2 * nb2], a, kb[0], kb[1]);
         mma16816<T>(acc[2 * nb2 + 1], a, kb[2], kb[3]);
@@ -821,8 +716,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
       for (int dc = 0; dc < DV / 16; ++dc) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, smem_addr(v_st + kv_off(tok0 + ks * 16 + lr + 8 * (lm & 1),
-                                                      2 * dc + (lm >> 1), Tr::kChunksV)));
+        ldmatrix_x4_trans(vb, smem_addr(v_st + swz(tok0 + ks * 16 + lr + 8 * (lm & 1),
+                                                   2 * dc + (lm >> 1), Tr::kChunksV)));
         mma16816<T>(o[2 * dc], a, vb[0], vb[1]);
         mma16816<T>(o[2 * dc + 1], a, vb[2], vb[3]);
       }

@@ -158,8 +158,8 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     auto resident = [&](auto kernel, KernelCache& cache) {
       st = allow_smem(kernel, cache, device, smem_now());
       return st == NSA_SEL_OK &&
-             (splits == 1 ||
-              clusters_fit(kernel, cache, device, splits, smem_now(), Tr::kThreads * teams, rows));
+             (splits == 1 || clusters_fit(kernel, cache, device, splits, smem_now(),
+                                          Tr::kThreads * teams, rows));
     };
     const bool fits = teams == 4 ? resident(kernel4, cache4) : resident(kernel2, cache2);
     if (st != NSA_SEL_OK) return st;
@@ -211,26 +211,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
       }
     }
   }
-  int smem = smem_now();
-  // NSA_SEL_DEBUG_BULK=2 (experiment): K/V rows by Hopper bulk copies instead of cp.async, for
-  // the plans without the split K/V pipeline, on sm_90, heads <= 16.
-  bool bulk = false;
-  if constexpr (MT == 1) {
-    using TrB = DecodeTraits<T, DK, DV, MT, true>;
-    const int smem_b = TrB::smem_bytes(p.n, stages, splits, teams);
-    if (plan_bulk() && dev.cc_major >= 9 && !kv_split && smem_b <= dev.max_smem_optin) {
-      static KernelCache cacheb1, cacheb2, cacheb4;
-      st = teams == 4 ? allow_smem(sel_decode_kernel<T, DK, DV, MT, kTeams4, false, true>, cacheb4,
-                                   device, smem_b)
-           : teams == 2 ? allow_smem(sel_decode_kernel<T, DK, DV, MT, kTeams2, false, true>,
-                                     cacheb2, device, smem_b)
-                        : allow_smem(sel_decode_kernel<T, DK, DV, MT, 1, false, true>, cacheb1,
-                                     device, smem_b);
-      if (st != NSA_SEL_OK) return st;
-      bulk = true;
-      smem = smem_b;
-    }
-  }
+  const int smem = smem_now();
   report_plan(p, splits, teams, stages, kv_split, smem);
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
@@ -264,19 +245,12 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   auto launch_with = [&](auto kernel) {
     return cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, pdl_lead, trace);
   };
-  cudaError_t launch_err = cudaSuccess;
-  if (bulk) {
-    if constexpr (MT == 1) {
-      launch_err = teams == 4 ? launch_with(sel_decode_kernel<T, DK, DV, MT, kTeams4, false, true>)
-                   : teams == 2
-                       ? launch_with(sel_decode_kernel<T, DK, DV, MT, kTeams2, false, true>)
-                       : launch_with(sel_decode_kernel<T, DK, DV, MT, 1, false, true>);
-    }
-  } else if (teams > 1) {
+  cudaError_t launch_err;
+  if (teams > 1) {
     launch_err = teams == 4 ? launch_with(kernel4) : launch_with(kernel2);
   } else if constexpr (MT == 1) {
-    launch_err =
-        kv_split ? launch_with(sel_decode_kernel<T, DK, DV, MT, 1, true>) : launch_with(kernel1);
+    launch_err = kv_split ? launch_with(sel_decode_kernel<T, DK, DV, MT, 1, true>)
+                          : launch_with(kernel1);
   } else {
     launch_err = launch_with(kernel1);
   }
