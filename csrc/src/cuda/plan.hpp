@@ -37,6 +37,9 @@ constexpr int max_teams_for(int m_tiles, int tile_bytes) {
 
 // 64-token tiles a row can hold at most (n ranges of at most s_kv tokens), at least 1.
 int64_t tiles_bound(const NsaSelParams& p);
+// The tiles a row is expected to hold: n (an NSA selection of n blocks of 64 tokens), within
+// tiles_bound; for a single range, its length bound.
+int64_t expected_tiles(const NsaSelParams& p);
 
 // Splits per (b, g) row, pipeline stages per team and warp teams per block (see sel_decode.cu).
 // Each honours its NSA_SEL_DEBUG_* knob (read once per process) before its rule.
@@ -56,7 +59,6 @@ bool plan_kv_split(int stages);
 int plan_pdl_lead();
 
 // Under NSA_SEL_DEBUG_PLAN=1, prints a launch's final plan once per distinct plan (stderr).
-void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split,
-                 int smem);
+void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split, int smem);
 
 }  // namespace nsa_sel

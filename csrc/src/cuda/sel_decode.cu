@@ -161,6 +161,10 @@ int64_t tiles_bound(const NsaSelParams& p) {
   return std::max<int64_t>((p.n * p.s_kv + 63) / 64, 1);  // n * s_kv < 2^31 (decode_supported)
 }
 
+int64_t expected_tiles(const NsaSelParams& p) {
+  return p.n > 1 ? std::min<int64_t>(p.n, tiles_bound(p)) : tiles_bound(p);
+}
+
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
 // power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could
@@ -195,17 +199,30 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
 // (NOTES.md v7-v8): seed D=128 L=256 B=1024 52.6 us with 2 stages against 54.4 with 3 (L=512:
 // 97.5 either way); 2 teams: d128 B=16 17.7 us with 2 stages of 32 KB against 18.4 with 3,
 // m125 B=64 16.6 with 4 stages of 16 KB, 17.6 with 6, 18.7 with 3.
+// Where every block has an SM (blocks <= SMs), a team keeps no more stages than the tiles it
+// expects (n / (splits x teams), at least 2): a stage it will never fill only costs. Measured on
+// the H200 (NOTES.md v18, cold graph us, two runs): d128 B=1 (8 splits, 2 tiles a block) 5.44 /
+// 5.46 with 2 stages against 5.78 / 5.73 with 3; m125 B=1 (8 splits x 2 teams, 1 tile a team)
+// 4.14 / 4.23 with 2 against 4.37 / 4.29 with 4; m125 B=4 4.92 / 4.94 against 5.18 / 5.06.
 int plan_stages(const NsaSelParams& p, const DeviceInfo& dev, int splits, int teams, int tile_bytes,
                 int max_stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_STAGES");
   if (forced >= 1) return std::min(forced, max_stages);
   if (teams == 4) return 2;  // 32 KB a team (m125 B=64: 12.1 us against 12.8 with 3)
-  if (teams > 1) return std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);
   const int64_t blocks = p.b * p.g * splits;
-  if (tile_bytes <= 32 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
-    return std::min(std::max((tile_bytes <= 16 * 1024 ? 48 : 64) * 1024 / tile_bytes, 2),
-                    max_stages);
-  return std::min(std::max(96 * 1024 / tile_bytes, 2), max_stages);
+  int stages;
+  if (teams > 1)
+    stages = std::min(std::max(64 * 1024 / tile_bytes, 2), max_stages);
+  else if (tile_bytes <= 32 * 1024 && blocks > 4 * static_cast<int64_t>(dev.sm_count))
+    stages =
+        std::min(std::max((tile_bytes <= 16 * 1024 ? 48 : 64) * 1024 / tile_bytes, 2), max_stages);
+  else
+    stages = std::min(std::max(96 * 1024 / tile_bytes, 2), max_stages);
+  if (blocks <= dev.sm_count) {
+    const int64_t per_team = (expected_tiles(p) + splits * teams - 1) / (splits * teams);
+    stages = static_cast<int>(std::min<int64_t>(stages, std::max<int64_t>(per_team, 2)));
+  }
+  return stages;
 }
 
 // Whether NSA_SEL_DEBUG_STAGES forces the stage count (the launcher then leaves it as planned).

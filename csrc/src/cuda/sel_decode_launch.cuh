@@ -191,9 +191,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
       auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, true>;
       // Per stage count: kernel1 is asked at 2+ stages, kernel1s at 1, so one table serves both.
       static std::atomic<uint64_t> occupancy[kMaxDevices][8];
-      const int64_t max_tiles = tiles_bound(p);
-      const int64_t expected_tiles = p.n > 1 ? std::min<int64_t>(p.n, max_tiles) : max_tiles;
-      if (splits == 1 && stages >= 2 && expected_tiles >= 8 && !stages_forced()) {
+      if (splits == 1 && stages >= 2 && expected_tiles(p) >= 8 && !stages_forced()) {
         const int threads = Tr::kThreads;
         const int now = blocks_per_sm(kernel1, occupancy, device, stages, threads, smem_now());
         if (now > 0 && rows > static_cast<int64_t>(now) * dev.sm_count) {
