@@ -7,7 +7,8 @@
 # while CMake builds), ctest (all suites, GPU included), stages1 (the GPU suite
 # again with one pipeline stage forced on every shape: the plan v13 takes on many-wave shapes),
 # teams4 (the GPU suite with NSA_SEL_DEBUG_TEAMS=4: four warp teams on every d=64 shape, two on
-# the others),
+# the others), splits16 (the GPU suite with NSA_SEL_DEBUG_SPLITS=16: 16-block clusters wherever
+# they are all resident at once and h <= 16, 8 elsewhere),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
 # *Sanitizer* (racecheck again with one stage forced, and with four teams), bench.
 # STEPS="configure build fast_path bench" runs a subset (for performance iterations);
@@ -60,7 +61,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 splits16 pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -157,6 +158,7 @@ step fast_path 240 bash -c 'while [[ ! -f "$0/fast_path.rc" ]]; do sleep 1; done
 step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
 step stages1 120 "${shards[@]}" NSA_SEL_DEBUG_STAGES=1
 step teams4 120 "${shards[@]}" NSA_SEL_DEBUG_TEAMS=4
+step splits16 120 "${shards[@]}" NSA_SEL_DEBUG_SPLITS=16
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck

@@ -178,11 +178,11 @@ TEST_P(ParityGrid, MatchesCpuReference) {
   REQUIRE_GPU();
   const auto [dtype, dims, h] = GetParam();
   uint64_t seed = 1;
-  // On a 132-SM H100, where h <= 16: one row (8 splits, 2 warp teams), 6 rows (4 splits, capped
-  // by the tiles a row can hold; 1 team: too few tiles), 32 rows (2 splits and 2 teams instead of
-  // 4 splits), 40 rows (2 splits; 2 teams for 16 KB tiles), 100 rows (unsplit, 2 teams), 800 rows
-  // (one block per row, 1 team; 3 pipeline stages for 16 KB tiles). Where h > 16 (one team): 8,
-  // 4, 4, 2, 2 (16 KB tiles) or 1, and 1 splits.
+  // On a 132-SM H100, where h <= 16: one row (16 splits; 2 warp teams for 16 KB tiles), 6 rows (4
+  // splits, capped by the tiles a row can hold; 1 team: too few tiles), 32 rows (2 splits and 2
+  // teams instead of 4 splits), 40 rows (2 splits; 2 teams for 16 KB tiles), 100 rows (unsplit, 2
+  // teams), 800 rows (one block per row, 1 team; 3 pipeline stages for 16 KB tiles). Where h > 16
+  // (one team): 8, 4, 4, 2, 2 (16 KB tiles) or 1, and 1 splits.
   for (const auto& shape : {std::make_tuple<int64_t, int64_t, int64_t, int64_t>(1, 1, 1999, 37),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(2, 3, 65, 3),
                             std::make_tuple<int64_t, int64_t, int64_t, int64_t>(16, 2, 600, 9),
@@ -453,9 +453,9 @@ TEST(Decode, UnsupportedConfigurationsAreReported) {
 // the cluster split path, with 1 and 2 warp teams, odd sizes, NaN-free random data.
 TEST(Sanitizer, SmallGrid) {
   REQUIRE_GPU();
-  // (b, d, n), 2 rows per b: 1 and 5 split with 1 team (n = 5 < 2 tiles per team); 16 with 9
-  // ranges: 2 splits and 2 teams (instead of 4 splits); 50 rows of 32 KB tiles: unsplit, 2 teams;
-  // the same of 16 KB tiles with 16 ranges (of up to 80 tokens, so up to 20 tiles a row):
+  // (b, d, n), 2 rows per b: 1 and 5 split 16 and 8 ways, 1 team (n = 5 < 2 tiles per team); 16
+  // with 9 ranges: 2 splits and 2 teams (instead of 4 splits); 50 rows of 32 KB tiles: unsplit, 2
+  // teams; the same of 16 KB tiles with 16 ranges (of up to 80 tokens, so up to 20 tiles a row):
   // unsplit, 4 teams; 400: the rows fill the GPU, no split, 1 team.
   for (const auto& [b, d, n] : {std::tuple<int64_t, int64_t, int64_t>{1, 64, 5},
                                 {5, 64, 5},

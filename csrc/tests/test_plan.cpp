@@ -57,14 +57,16 @@ TEST(Plan, ModelConfigsOnHopper) {
     Plan want;
   };
   for (const Row& r : {
-           Row{"nsa27b B=1", 1, 4, 16, 192, 128, 65536, {8, 1, 2}},
+           Row{"nsa27b B=1", 1, 4, 16, 192, 128, 65536, {16, 1, 2}},
+           Row{"nsa27b B=2", 2, 4, 16, 192, 128, 65536, {8, 1, 2}},
            Row{"nsa27b B=8", 8, 4, 16, 192, 128, 65536, {2, 2, 2}},
            Row{"nsa27b B=16", 16, 4, 16, 192, 128, 65536, {2, 2, 2}},
            Row{"nsa27b B=64", 64, 4, 16, 192, 128, 65536, {1, 1, 2}},
-           Row{"d128 B=1", 1, 4, 16, 128, 128, 32768, {8, 1, 2}},
+           Row{"d128 B=1", 1, 4, 16, 128, 128, 32768, {16, 1, 2}},
            Row{"d128 B=4", 4, 4, 16, 128, 128, 32768, {4, 2, 2}},
            Row{"d128 B=16", 16, 4, 16, 128, 128, 32768, {2, 2, 2}},
-           Row{"m125 B=1", 1, 2, 6, 64, 64, 8192, {8, 2, 2}},
+           Row{"m125 B=1", 1, 2, 6, 64, 64, 8192, {16, 1, 2}},
+           Row{"m125 B=2", 2, 2, 6, 64, 64, 8192, {16, 1, 2}},
            Row{"m125 B=4", 4, 2, 6, 64, 64, 8192, {8, 2, 2}},
            Row{"m125 B=16", 16, 2, 6, 64, 64, 8192, {2, 4, 2}},
            Row{"m125 B=64", 64, 2, 6, 64, 64, 8192, {1, 4, 2}},
@@ -78,13 +80,14 @@ TEST(Plan, ModelConfigsOnHopper) {
 }
 
 // What every plan must satisfy, over a grid of shapes: the kernels exist for 1, 2 and 4 teams;
-// splits are a cluster size that divides the output columns; blocks of several teams have an SM
-// each; four teams only for 16 KB tiles, each team expecting 2 tiles or more; 2+ stages (one
-// stage is the launcher's choice, never the planner's); no clusters before sm_90.
+// splits are a cluster size that divides the output columns (16 only for one m-tile, over at
+// most half the SMs); blocks of several teams have an SM each; four teams only for 16 KB tiles,
+// each team expecting 2 tiles or more; 2+ stages (one stage is the launcher's choice, never the
+// planner's); no clusters before sm_90.
 TEST(Plan, InvariantsOverShapes) {
   expect_default_plan();
   const DeviceInfo ampere{108, 8, 163 * 1024};
-  int four_team_plans = 0;
+  int four_team_plans = 0, sixteen_split_plans = 0;
   for (const DeviceInfo& dev : {kHopper, ampere})
     for (int64_t b : {1, 2, 3, 4, 8, 16, 33, 64, 100, 128, 256, 1000})
       for (int64_t g : {1, 2, 4, 8})
@@ -105,8 +108,14 @@ TEST(Plan, InvariantsOverShapes) {
                 ASSERT_LE(got.teams, nsa_sel::max_teams_for(nsa_sel::m_tiles_for_heads(h), tile))
                     << at;
                 ASSERT_TRUE(got.splits == 1 || got.splits == 2 || got.splits == 4 ||
-                            got.splits == 8)
+                            got.splits == 8 || got.splits == 16)
                     << at;
+                // 16-block clusters (non-portable): one m-tile, at most half the SMs.
+                if (got.splits == 16) {
+                  ++sixteen_split_plans;
+                  ASSERT_LE(h, 16) << at;
+                  ASSERT_LE(b * g * 16 * 2, dev.sm_count) << at;
+                }
                 ASSERT_LE(got.splits, nsa_sel::tiles_bound(p)) << at;
                 if (dev.cc_major < 9) ASSERT_EQ(got.splits, 1) << at;
                 if (got.teams > 1) ASSERT_LE(b * g * got.splits, dev.sm_count) << at;
@@ -124,7 +133,8 @@ TEST(Plan, InvariantsOverShapes) {
                 if (b * g * got.splits <= dev.sm_count)
                   ASSERT_LE(got.stages, std::max<int64_t>(2, per_team)) << at;
               }
-  EXPECT_GT(four_team_plans, 0);  // the grid reaches the four-team rule
+  EXPECT_GT(four_team_plans, 0);     // the grid reaches the four-team rule
+  EXPECT_GT(sixteen_split_plans, 0);  // and the 16-split one
 }
 
 }  // namespace

@@ -168,7 +168,14 @@ int64_t expected_tiles(const NsaSelParams& p) {
 // Splits per (b, g) row, from shapes and the device only (never from ranges contents), on GPUs
 // with thread block clusters (the combine runs through distributed shared memory): the largest
 // power of two, at most 8 (one portable cluster) and one split per 64-token tile a row could
-// hold, such that rows * splits stays within one block per SM. Where a block cannot hold two
+// hold, such that rows * splits stays within one block per SM; 16 (a non-portable cluster, h <=
+// 16 only) where 16 splits take at most half the SMs. The B=1 time is one launch with a fixed
+// chain of latencies, and each SM's share of the bytes sets how long its reads take: a probe
+// that only reads the nsa27b B=1 selection (bench/probes/gather_cluster.cu, H200) took 3.8 us
+// over 32 blocks of 80 KB, 2.7 over 64 of 40 KB, whatever the cluster size. Measured (NOTES.md
+// v19, cold graph us, A/B on one H200): nsa27b B=1 5.60 with 16 splits against 5.73-5.84 with
+// 8, d128 B=1 5.23-5.43 against 5.42-5.52, m125 B=1 4.00 against 4.14-4.26 (8 x 2 teams), m125
+// B=2 4.28 against 4.46; but nsa27b B=2 (128 blocks of 16-block clusters) 7.2-7.4 against 6.2. Where a block cannot hold two
 // warp teams (h > 16), rows of at most 16 KB tiles that would stay unsplit get 2 splits when that
 // fits two blocks per SM: one such block cannot keep enough bytes in flight (with h <= 16 two
 // teams do that job without a combine). Measured on the H100 (NOTES.md): 40 KB tiles (nsa27b
@@ -178,12 +185,16 @@ int64_t expected_tiles(const NsaSelParams& p) {
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams) {
   if (dev.cc_major < 9) return 1;
   static const int forced = debug_knob("NSA_SEL_DEBUG_SPLITS");
-  if (forced == 1 || forced == 2 || forced == 4 || forced == 8) return forced;
+  const int most = m_tiles_for_heads(p.h) == 1 ? kMaxSplits : kMaxSplitsMulti;
+  if (forced == 1 || forced == 2 || forced == 4 || forced == 8 || forced == 16)
+    return std::min(forced, most);
   const int64_t rows = p.b * p.g;
   const int64_t max_tiles = tiles_bound(p);
   const int64_t sms = dev.sm_count;
   int splits = 1;
-  while (splits * 2 <= kMaxSplits && splits * 2 <= max_tiles && rows * splits * 2 <= sms)
+  // (16 splits, clusters past the portable size, only where they take at most half the SMs.)
+  while (splits * 2 <= most && splits * 2 <= max_tiles && rows * splits * 2 <= sms &&
+         (splits * 2 <= kMaxSplitsMulti || rows * splits * 4 <= sms))
     splits *= 2;
   if (splits == 1 && max_teams == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows <= sms)
     splits = 2;

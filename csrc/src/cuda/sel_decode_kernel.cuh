@@ -38,9 +38,14 @@
 
 namespace nsa_sel {
 
-// Most blocks (splits) per (b, g) row: the portable thread block cluster size. (16, the H100's
-// non-portable size, measured slower at B=1: nsa27b 8.3 us against 7.1 with 8.)
-constexpr int kMaxSplits = 8;
+// Most blocks (splits) per (b, g) row: 16, the Hopper non-portable thread block cluster size,
+// for blocks of one m-tile (h <= 16); 8, the portable size, otherwise (the launcher opts in to
+// clusters of more than 8 blocks). The combine weighs the splits' states in chunks of
+// kCombineChunk, one thread per chunk. (On the H100 in v6, with the combine of then, 16 splits
+// measured slower at B=1: nsa27b 8.3 us against 7.1 with 8; on the H200 with today's, faster.)
+constexpr int kMaxSplits = 16;
+constexpr int kMaxSplitsMulti = 8;  // blocks of 2 or 4 m-tiles
+constexpr int kCombineChunk = 8;
 
 template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {
@@ -90,9 +95,11 @@ struct DecodeTraits {
   // Split blocks only: the combine's receive area, written by the peers of the cluster at any
   // time after they finish their own tiles, so it overlaps nothing: O [splits][kHeads][DV/splits]
   // then (m, l) [splits][kHeads][2], fp32.
-  static constexpr int kRecvBytes = kHeads * DV * 4 + kMaxSplits * kHeads * 2 * 4;
+  __host__ __device__ static constexpr int recv_bytes(int splits) {
+    return kHeads * DV * 4 + splits * kHeads * 2 * 4;
+  }
   // The receive area and, after it, the mbarrier that counts the bytes arriving there.
-  static constexpr int kRecvArea = kRecvBytes + 16;
+  __host__ __device__ static constexpr int recv_area(int splits) { return recv_bytes(splits) + 16; }
   // K/V stages [teams][stages], later the merge states [teams][kSlices].
   __host__ __device__ static constexpr int off_tok(int stages, int teams) {
     return off_kv(teams) +
@@ -102,7 +109,7 @@ struct DecodeTraits {
     return off_tok(stages, teams) + teams * kTokBufs * kTile * 4;
   }
   __host__ __device__ static constexpr int off_ranges(int stages, int splits, int teams) {
-    return off_recv(stages, teams) + (splits > 1 ? kRecvArea : 0);
+    return off_recv(stages, teams) + (splits > 1 ? recv_area(splits) : 0);
   }
   __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits,
                                                       int teams) {
@@ -373,7 +380,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // None of it reads an input, so it runs before the wait for the previous kernel, off the
   // critical path; it is done by warp 1, as warp 0 reads the ranges first thing after the wait.
   uint64_t* recv_bar =
-      reinterpret_cast<uint64_t*>(smem + Tr::off_recv(stages, teams) + Tr::kRecvBytes);
+      reinterpret_cast<uint64_t*>(smem + Tr::off_recv(stages, teams) + Tr::recv_bytes(splits));
   if (splits > 1) {
     if (tid == 32) {
       mbar_init(recv_bar, 1);
@@ -862,46 +869,118 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   mbar_wait_phase0_cluster(recv_bar);
   NSA_SEL_TRACE_MARK(7);
   const int my_groups = static_cast<int>(p.h) * share;
-  for (int gi = tid; gi < my_groups; gi += nthreads) {
-    const int hr = gi / share, j = gi % share;
-    // Every load first, so that the lot costs one shared-memory latency (splits past `splits`
-    // read as empty states).
-    float2 ml[kMaxSplits];
-    float4 x[kMaxSplits];
+  if constexpr (MT == 1) {
+    // Two threads (adjacent lanes) per column group where splits > kCombineChunk, each weighing a
+    // chunk of 8 splits as one state, which the pair then merges through a shuffle; one otherwise.
+    // Every thread runs the same number of rounds, so the shuffle is warp-uniform.
+    const int chunk_shift = splits > kCombineChunk ? 1 : 0;
+    const int items = my_groups << chunk_shift;
+    for (int base = 0; base < items; base += nthreads) {
+      const int item = base + tid;
+      const bool active = item < items;
+      const int gi = item >> chunk_shift, k0 = (item & chunk_shift) * kCombineChunk;
+      const int hr = gi / share, j = gi % share;
+      // Every load first, so that the lot costs one shared-memory latency (splits past `splits`
+      // read as empty states).
+      float2 ml[kCombineChunk];
+      float4 x[kCombineChunk];
 #pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) {
-      const bool live = k < splits;
-      ml[k] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
-                   : make_float2(-INFINITY, 0.f);
-      x[k] = live ? *reinterpret_cast<const float4*>(recv_o + (k * Tr::kHeads + hr) * (share * 4) +
-                                                     j * 4)
-                  : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) m_all = fmaxf(m_all, ml[k].x);
-    const float ref = m_all == -INFINITY ? 0.f : m_all;  // all splits empty: weights 0
-    float w[kMaxSplits];
-    float l_all = 0.f;
-#pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) {
-      w[k] = fast_exp2(ml[k].x - ref);
-      if (k < splits) l_all += w[k] * ml[k].y;
-    }
-    // Empty selection: l_all == 0 and every O is 0, so coefficients 0 give exact zeros.
-    const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int k = 0; k < kMaxSplits; ++k) {
-      if (k < splits) {
-        const float c = w[k] * inv;
-        acc.x += c * x[k].x;
-        acc.y += c * x[k].y;
-        acc.z += c * x[k].z;
-        acc.w += c * x[k].w;
+      for (int kc = 0; kc < kCombineChunk; ++kc) {
+        const int k = k0 + kc;
+        const bool live = active && k < splits;
+        ml[kc] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
+                      : make_float2(-INFINITY, 0.f);
+        x[kc] = live ? *reinterpret_cast<const float4*>(recv_o +
+                                                        (k * Tr::kHeads + hr) * (share * 4) + j * 4)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
       }
+      float m_all = -INFINITY;
+#pragma unroll
+      for (int kc = 0; kc < kCombineChunk; ++kc) m_all = fmaxf(m_all, ml[kc].x);
+      const float ref = m_all == -INFINITY ? 0.f : m_all;  // all splits empty: weights 0
+      float l_all = 0.f;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int kc = 0; kc < kCombineChunk; ++kc) {
+        if (k0 + kc < splits) {
+          const float w = fast_exp2(ml[kc].x - ref);
+          l_all += w * ml[kc].y;
+          acc.x += w * x[kc].x;
+          acc.y += w * x[kc].y;
+          acc.z += w * x[kc].z;
+          acc.w += w * x[kc].w;
+        }
+      }
+      if (chunk_shift != 0) {
+        // The pair's two chunk states, merged in the same order by both threads (a + b is b + a
+        // exactly), so the thread of chunk 0 stores the same result either would.
+        const float m2 = __shfl_xor_sync(0xffffffffu, m_all, 1);
+        const float l2 = __shfl_xor_sync(0xffffffffu, l_all, 1);
+        float4 a2;
+        a2.x = __shfl_xor_sync(0xffffffffu, acc.x, 1);
+        a2.y = __shfl_xor_sync(0xffffffffu, acc.y, 1);
+        a2.z = __shfl_xor_sync(0xffffffffu, acc.z, 1);
+        a2.w = __shfl_xor_sync(0xffffffffu, acc.w, 1);
+        float w1, w2, mm;
+        merge_weights(m_all, m2, w1, w2, mm);
+        l_all = w1 * l_all + w2 * l2;
+        acc.x = w1 * acc.x + w2 * a2.x;
+        acc.y = w1 * acc.y + w2 * a2.y;
+        acc.z = w1 * acc.z + w2 * a2.z;
+        acc.w = w1 * acc.w + w2 * a2.w;
+      }
+      // Empty selection: l_all == 0 and every O is 0, so the coefficient 0 gives exact zeros.
+      const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
+      acc.x *= inv;
+      acc.y *= inv;
+      acc.z *= inv;
+      acc.w *= inv;
+      if (active && (item & chunk_shift) == 0) store4(hr, (split * share + j) * 4, acc);
     }
-    store4(hr, (split * share + j) * 4, acc);
+  } else {
+    // (Blocks of several m-tiles: at most kMaxSplitsMulti == kCombineChunk splits, one thread a
+    // group. The pairs' loop above costs these kernels 40 registers, half their occupancy.)
+    for (int gi = tid; gi < my_groups; gi += nthreads) {
+      const int hr = gi / share, j = gi % share;
+      // Every load first, so that the lot costs one shared-memory latency (splits past `splits`
+      // read as empty states).
+      float2 ml[kCombineChunk];
+      float4 x[kCombineChunk];
+#pragma unroll
+      for (int k = 0; k < kCombineChunk; ++k) {
+        const bool live = k < splits;
+        ml[k] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
+                     : make_float2(-INFINITY, 0.f);
+        x[k] = live ? *reinterpret_cast<const float4*>(recv_o +
+                                                       (k * Tr::kHeads + hr) * (share * 4) + j * 4)
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      float m_all = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < kCombineChunk; ++k) m_all = fmaxf(m_all, ml[k].x);
+      const float ref = m_all == -INFINITY ? 0.f : m_all;  // all splits empty: weights 0
+      float w[kCombineChunk];
+      float l_all = 0.f;
+#pragma unroll
+      for (int k = 0; k < kCombineChunk; ++k) {
+        w[k] = fast_exp2(ml[k].x - ref);
+        if (k < splits) l_all += w[k] * ml[k].y;
+      }
+      // Empty selection: l_all == 0 and every O is 0, so coefficients 0 give exact zeros.
+      const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int k = 0; k < kCombineChunk; ++k) {
+        if (k < splits) {
+          const float c = w[k] * inv;
+          acc.x += c * x[k].x;
+          acc.y += c * x[k].y;
+          acc.z += c * x[k].z;
+          acc.w += c * x[k].w;
+        }
+      }
+      store4(hr, (split * share + j) * 4, acc);
+    }
   }
   NSA_SEL_TRACE_MARK(8);
   NSA_SEL_TRACE_MARK(6);

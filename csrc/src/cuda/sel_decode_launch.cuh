@@ -27,6 +27,7 @@ unsigned long long* trace_records();
 struct KernelCache {
   std::atomic<int> smem_set[kMaxDevices];
   std::atomic<uint64_t> clusters[kMaxDevices][4];
+  std::atomic<bool> non_portable[kMaxDevices];  // clusters of more than 8 blocks allowed
 };
 
 // One cached occupancy answer: (smem << 32 | answer + 1), 0 while empty. An entry answers for
@@ -55,15 +56,32 @@ NsaSelStatus allow_smem(Kernel kernel, KernelCache& cache, int device, int smem)
   return ok();
 }
 
+// Clusters of more than 8 blocks (the portable size) need the kernel's opt-in, set once per
+// kernel and device; false where the device refuses it.
+template <typename Kernel>
+bool allow_big_clusters(Kernel kernel, KernelCache& kc, int device) {
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && kc.non_portable[device].load(std::memory_order_relaxed)) return true;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (cached) kc.non_portable[device].store(true, std::memory_order_relaxed);
+  return true;
+}
+
 // Whether `rows` clusters of `splits` blocks (`threads` threads, `smem` bytes of dynamic shared
 // memory each) can all be resident at once (cudaOccupancyMaxActiveClusters; the kernel's dynamic
 // shared-memory limit must already allow smem). Cached per kernel, device and split count for
 // the last smem size asked, so a steady shape costs one atomic load. A failed query answers no.
+// (Clusters of more than 8 blocks: see allow_big_clusters; where refused, they do not fit.)
 template <typename Kernel>
 bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int smem, int threads,
                   int64_t rows) {
   const int slot = splits == 2 ? 0 : splits == 4 ? 1 : splits == 8 ? 2 : 3;
   const bool cached = device >= 0 && device < kMaxDevices;
+  if (splits > 8 && !allow_big_clusters(kernel, kc, device)) return false;
   int clusters = 0;
   if (cached && cached_answer(kc.clusters[device][slot], smem, &clusters)) return rows <= clusters;
   cudaLaunchConfig_t cfg = {};
@@ -113,6 +131,8 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   auto kernel1 = sel_decode_kernel<T, DK, DV, MT, 1>;
   auto kernel2 = sel_decode_kernel<T, DK, DV, MT, kTeams2>;
   auto kernel4 = sel_decode_kernel<T, DK, DV, MT, kTeams4>;
+  // The split K/V kernel (one team, one m-tile; for several m-tiles the name stands for kernel1).
+  auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, MT == 1>;
   static KernelCache cache1, cache2, cache4, cache1s;
   bool kv_split = false;  // one team, one m-tile: the split K/V kernel (kernel1s below)
 
@@ -172,6 +192,17 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   if (teams == 1) {
     st = allow_smem(kernel1, cache1, device, smem_now());
     if (st != NSA_SEL_OK) return st;
+    // A cluster of 16 blocks needs 16 free SMs of one GPC: where the rows' clusters would not
+    // all be resident at once (or the device allows no clusters that large), 8 splits.
+    if (splits > 8 &&
+        !clusters_fit(kernel1, cache1, device, splits, smem_now(), Tr::kThreads, rows)) {
+      splits = 8;
+      stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
+      st = fit();
+      if (st != NSA_SEL_OK) return st;
+      st = allow_smem(kernel1, cache1, device, smem_now());
+      if (st != NSA_SEL_OK) return st;
+    }
     // One pipeline stage where the rows would come in waves and one stage fits more blocks per
     // SM, with at least as many tiles in flight per SM: a block then loads a tile, computes it,
     // loads the next, and the other blocks of its SM keep the memory busy in between (fla's
@@ -188,7 +219,6 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     // One stage runs the split K/V kernel (a block's loads of the next tile's K overlap its PV,
     // those of the tile's V its QK^T), so its occupancy is asked of that kernel.
     if constexpr (MT == 1) {
-      auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, true>;
       // Per stage count: kernel1 is asked at 2+ stages, kernel1s at 1, so one table serves both.
       static std::atomic<uint64_t> occupancy[kMaxDevices][8];
       if (splits == 1 && stages >= 2 && expected_tiles(p) >= 8 && !stages_forced()) {
@@ -243,15 +273,14 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   auto launch_with = [&](auto kernel) {
     return cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, pdl_lead, trace);
   };
-  cudaError_t launch_err;
-  if (teams > 1) {
-    launch_err = teams == 4 ? launch_with(kernel4) : launch_with(kernel2);
-  } else if constexpr (MT == 1) {
-    launch_err = kv_split ? launch_with(sel_decode_kernel<T, DK, DV, MT, 1, true>)
-                          : launch_with(kernel1);
-  } else {
-    launch_err = launch_with(kernel1);
-  }
+  auto kernel = teams == 4 ? kernel4 : teams == 2 ? kernel2 : kv_split ? kernel1s : kernel1;
+  KernelCache& kc = teams == 4 ? cache4 : teams == 2 ? cache2 : kv_split ? cache1s : cache1;
+  // (The plans above asked clusters_fit of the kernel they launch where splits > 8; a forced
+  // plan may not have. The opt-in is idempotent and cached.)
+  if (splits > 8 && !allow_big_clusters(kernel, kc, device))
+    return fail(NSA_SEL_ERR_UNSUPPORTED, "splits: clusters of %d blocks refused by the device",
+                splits);
+  const cudaError_t launch_err = launch_with(kernel);
   if (launch_err != cudaSuccess) return cuda_status(launch_err, "cudaLaunchKernelEx");
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_status(err, "sel_decode_kernel launch");
