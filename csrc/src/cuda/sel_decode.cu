@@ -175,13 +175,14 @@ int64_t expected_tiles(const NsaSelParams& p) {
 // over 32 blocks of 80 KB, 2.7 over 64 of 40 KB, whatever the cluster size. Measured (NOTES.md
 // v19, cold graph us, A/B on one H200): nsa27b B=1 5.60 with 16 splits against 5.73-5.84 with
 // 8, d128 B=1 5.23-5.43 against 5.42-5.52, m125 B=1 4.00 against 4.14-4.26 (8 x 2 teams), m125
-// B=2 4.28 against 4.46; but nsa27b B=2 (128 blocks of 16-block clusters) 7.2-7.4 against 6.2. Where a block cannot hold two
-// warp teams (h > 16), rows of at most 16 KB tiles that would stay unsplit get 2 splits when that
-// fits two blocks per SM: one such block cannot keep enough bytes in flight (with h <= 16 two
-// teams do that job without a combine). Measured on the H100 (NOTES.md): 40 KB tiles (nsa27b
-// B=16) take 25.6 us with 4 splits against 20.9 with 2; splitting rows that already fill the SMs
-// costs 7% (d128 B=64); 16 KB tiles: m125 B=64 takes 18.2 us with 2 splits against 19.7
-// unsplit (17.6 unsplit with 2 teams), but m125 B=16 13.0 us with 8 splits against 10.9 with 4.
+// B=2 4.28 against 4.46; but nsa27b B=2 (128 blocks of 16-block clusters) 7.2-7.4 against 6.2.
+// Where a block cannot hold two warp teams (h > 16), rows of at most 16 KB tiles that would stay
+// unsplit get 2 splits when that fits two blocks per SM: one such block cannot keep enough bytes
+// in flight (with h <= 16 two teams do that job without a combine). Measured on the H100
+// (NOTES.md): 40 KB tiles (nsa27b B=16) take 25.6 us with 4 splits against 20.9 with 2;
+// splitting rows that already fill the SMs costs 7% (d128 B=64); 16 KB tiles: m125 B=64 takes
+// 18.2 us with 2 splits against 19.7 unsplit (17.6 unsplit with 2 teams), but m125 B=16 13.0 us
+// with 8 splits against 10.9 with 4.
 int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, int max_teams) {
   if (dev.cc_major < 9) return 1;
   static const int forced = debug_knob("NSA_SEL_DEBUG_SPLITS");
@@ -194,7 +195,7 @@ int plan_splits(const NsaSelParams& p, const DeviceInfo& dev, int tile_bytes, in
   int splits = 1;
   // (16 splits, clusters past the portable size, only where they take at most half the SMs.)
   while (splits * 2 <= most && splits * 2 <= max_tiles && rows * splits * 2 <= sms &&
-         (splits * 2 <= kMaxSplitsMulti || rows * splits * 4 <= sms))
+         (splits * 2 <= kPortableCluster || rows * splits * 4 <= sms))
     splits *= 2;
   if (splits == 1 && max_teams == 1 && tile_bytes <= 16 * 1024 && max_tiles >= 2 && rows <= sms)
     splits = 2;

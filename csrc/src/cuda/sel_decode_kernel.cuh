@@ -43,9 +43,11 @@ namespace nsa_sel {
 // clusters of more than 8 blocks). The combine weighs the splits' states in chunks of
 // kCombineChunk, one thread per chunk. (On the H100 in v6, with the combine of then, 16 splits
 // measured slower at B=1: nsa27b 8.3 us against 7.1 with 8; on the H200 with today's, faster.)
+constexpr int kPortableCluster = 8;  // most blocks of a cluster without the opt-in
 constexpr int kMaxSplits = 16;
-constexpr int kMaxSplitsMulti = 8;  // blocks of 2 or 4 m-tiles
-constexpr int kCombineChunk = 8;
+constexpr int kMaxSplitsMulti = kPortableCluster;  // blocks of 2 or 4 m-tiles
+constexpr int kCombineChunk = kPortableCluster;
+static_assert(kMaxSplits <= 2 * kCombineChunk, "the combine weighs at most two chunks a group");
 
 template <typename T, int DK, int DV, int MT>
 struct DecodeTraits {

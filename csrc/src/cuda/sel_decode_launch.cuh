@@ -81,7 +81,7 @@ bool clusters_fit(Kernel kernel, KernelCache& kc, int device, int splits, int sm
                   int64_t rows) {
   const int slot = splits == 2 ? 0 : splits == 4 ? 1 : splits == 8 ? 2 : 3;
   const bool cached = device >= 0 && device < kMaxDevices;
-  if (splits > 8 && !allow_big_clusters(kernel, kc, device)) return false;
+  if (splits > kPortableCluster && !allow_big_clusters(kernel, kc, device)) return false;
   int clusters = 0;
   if (cached && cached_answer(kc.clusters[device][slot], smem, &clusters)) return rows <= clusters;
   cudaLaunchConfig_t cfg = {};
@@ -194,9 +194,9 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     if (st != NSA_SEL_OK) return st;
     // A cluster of 16 blocks needs 16 free SMs of one GPC: where the rows' clusters would not
     // all be resident at once (or the device allows no clusters that large), 8 splits.
-    if (splits > 8 &&
+    if (splits > kPortableCluster &&
         !clusters_fit(kernel1, cache1, device, splits, smem_now(), Tr::kThreads, rows)) {
-      splits = 8;
+      splits = kPortableCluster;
       stages = plan_stages(p, dev, splits, teams, Tr::kTileBytes, Tr::kStages);
       st = fit();
       if (st != NSA_SEL_OK) return st;
@@ -275,9 +275,9 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   };
   auto kernel = teams == 4 ? kernel4 : teams == 2 ? kernel2 : kv_split ? kernel1s : kernel1;
   KernelCache& kc = teams == 4 ? cache4 : teams == 2 ? cache2 : kv_split ? cache1s : cache1;
-  // (The plans above asked clusters_fit of the kernel they launch where splits > 8; a forced
-  // plan may not have. The opt-in is idempotent and cached.)
-  if (splits > 8 && !allow_big_clusters(kernel, kc, device))
+  // (The plans above asked clusters_fit of the kernel they launch where the cluster is past the
+  // portable size; a forced plan may not have. The opt-in is idempotent and cached.)
+  if (splits > kPortableCluster && !allow_big_clusters(kernel, kc, device))
     return fail(NSA_SEL_ERR_UNSUPPORTED, "splits: clusters of %d blocks refused by the device",
                 splits);
   const cudaError_t launch_err = launch_with(kernel);
