@@ -871,6 +871,22 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   mbar_wait_phase0_cluster(recv_bar);
   NSA_SEL_TRACE_MARK(7);
   const int my_groups = static_cast<int>(p.h) * share;
+  // The states of splits k0 .. k0 + kCombineChunk - 1 for head hr, column group j of this
+  // block's share: every load first, so that the lot costs one shared-memory latency (splits
+  // past `splits`, and every split where !active, read as empty states).
+  auto load_states = [&](int hr, int j, int k0, bool active, float2 (&ml)[kCombineChunk],
+                         float4 (&x)[kCombineChunk]) {
+#pragma unroll
+    for (int kc = 0; kc < kCombineChunk; ++kc) {
+      const int k = k0 + kc;
+      const bool live = active && k < splits;
+      ml[kc] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
+                    : make_float2(-INFINITY, 0.f);
+      x[kc] = live ? *reinterpret_cast<const float4*>(recv_o +
+                                                      (k * Tr::kHeads + hr) * (share * 4) + j * 4)
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
   if constexpr (MT == 1) {
     // Two threads (adjacent lanes) per column group where splits > kCombineChunk, each weighing a
     // chunk of 8 splits as one state, which the pair then merges through a shuffle; one otherwise.
@@ -882,20 +898,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       const bool active = item < items;
       const int gi = item >> chunk_shift, k0 = (item & chunk_shift) * kCombineChunk;
       const int hr = gi / share, j = gi % share;
-      // Every load first, so that the lot costs one shared-memory latency (splits past `splits`
-      // read as empty states).
       float2 ml[kCombineChunk];
       float4 x[kCombineChunk];
-#pragma unroll
-      for (int kc = 0; kc < kCombineChunk; ++kc) {
-        const int k = k0 + kc;
-        const bool live = active && k < splits;
-        ml[kc] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
-                      : make_float2(-INFINITY, 0.f);
-        x[kc] = live ? *reinterpret_cast<const float4*>(recv_o +
-                                                        (k * Tr::kHeads + hr) * (share * 4) + j * 4)
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+      load_states(hr, j, k0, active, ml, x);
       float m_all = -INFINITY;
 #pragma unroll
       for (int kc = 0; kc < kCombineChunk; ++kc) m_all = fmaxf(m_all, ml[kc].x);
@@ -944,19 +949,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     // group. The pairs' loop above costs these kernels 40 registers, half their occupancy.)
     for (int gi = tid; gi < my_groups; gi += nthreads) {
       const int hr = gi / share, j = gi % share;
-      // Every load first, so that the lot costs one shared-memory latency (splits past `splits`
-      // read as empty states).
       float2 ml[kCombineChunk];
       float4 x[kCombineChunk];
-#pragma unroll
-      for (int k = 0; k < kCombineChunk; ++k) {
-        const bool live = k < splits;
-        ml[k] = live ? *reinterpret_cast<const float2*>(recv_ml + (k * Tr::kHeads + hr) * 2)
-                     : make_float2(-INFINITY, 0.f);
-        x[k] = live ? *reinterpret_cast<const float4*>(recv_o +
-                                                       (k * Tr::kHeads + hr) * (share * 4) + j * 4)
-                    : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+      load_states(hr, j, 0, true, ml, x);
       float m_all = -INFINITY;
 #pragma unroll
       for (int k = 0; k < kCombineChunk; ++k) m_all = fmaxf(m_all, ml[k].x);
