@@ -34,7 +34,9 @@ CASES = {  # G, h, Dk, Dv, S_kv, n
 }
 
 
-def make_inputs(case, B, gen):
+def make_inputs(case, B, gen, kv_lens=False):
+    """(Q, K, V, ranges), and with `kv_lens` a fifth tensor: kv_lens = S_kv for every sequence
+    (the same result, but the kernel reads it, as it does for an engine's ragged batch)."""
     G, h, dk, dv, s_kv, n = CASES[case]
     dt = torch.bfloat16
     Q = torch.randn(B, 1, G, h, dk, device="cuda", dtype=dt, generator=gen)
@@ -47,11 +49,16 @@ def make_inputs(case, B, gen):
         blk = torch.rand(B, 1, G, nb, device="cuda", generator=gen).argsort(-1)[..., :n]
         blk, _ = blk.sort(-1)
         r = torch.stack([blk * 64, blk * 64 + 64], -1).to(torch.int32)
-    return Q, K, V, r.contiguous()
+    x = (Q, K, V, r.contiguous())
+    return x + (torch.full((B,), s_kv, device="cuda", dtype=torch.int32),) if kv_lens else x
+
+
+def call(Q, K, V, r, kv_lens=None):
+    return selection_attention_cuda(Q, K, V, r, kv_lens=kv_lens)
 
 
 def graph_us(sets, calls, fn=None):
-    fn = fn or selection_attention_cuda
+    fn = fn or call
     outs = []
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -308,6 +315,9 @@ def main():
         action="store_true",
         help="also time a read-only gather of the same selected bytes (Triton)",
     )
+    ap.add_argument(
+        "--kv-lens", action="store_true", help="pass kv_lens (= S_kv: same result, one more read)"
+    )
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     G, h, dk, dv, s_kv, n = CASES[a.case]
@@ -317,41 +327,43 @@ def main():
     # Cold sets: about 256 MB of selected bytes, at most 64 sets and 20 GB of K/V copies.
     sets = a.sets or max(1, min(64, int(256e6 // max(sel_bytes, 1)), int(20e9 // full_bytes)))
     if a.ncu:
-        x = make_inputs(a.case, a.batch, gen)
+        x = make_inputs(a.case, a.batch, gen, a.kv_lens)
         for _ in range(3):
-            selection_attention_cuda(*x)
+            call(*x)
         torch.cuda.synchronize()
         return
     if a.trace:
         splits = 8  # the most (kMaxSplits): blocks past the grid keep zero records, dropped
         trace_report(
-            [make_inputs(a.case, a.batch, gen) for _ in range(sets)],
+            [make_inputs(a.case, a.batch, gen, a.kv_lens) for _ in range(sets)],
             a.calls,
             a.batch * G * splits,
             sel_bytes,
         )
         return
-    x = make_inputs(a.case, a.batch, gen)
+    x = make_inputs(a.case, a.batch, gen, a.kv_lens)
     warm = graph_us([x], a.calls)
     t = torch.zeros(16, device="cuda")
     host = (
-        f"eager {eager_us(lambda: selection_attention_cuda(*x)):.1f} us/call "
+        f"eager {eager_us(lambda: call(*x)):.1f} us/call "
         f"(torch.empty {eager_us(lambda: torch.empty(64, device='cuda')):.1f}, "
         f"add_ {eager_us(lambda: t.add_(1)):.1f})"
     )
-    csets = [make_inputs(a.case, a.batch, gen) for _ in range(sets)]
+    csets = [make_inputs(a.case, a.batch, gen, a.kv_lens) for _ in range(sets)]
     cold = graph_us(csets, a.calls)
     knob = {
         k: os.environ.get(f"NSA_SEL_DEBUG_{k.upper()}", "0")
         for k in ("splits", "stages", "teams", "pdl_lead", "kvsplit")
     }
     tag = " ".join(f"{k}={'auto' if v in ('', '0') else v}" for k, v in knob.items())
+    tag += " kv_lens=given" if a.kv_lens else ""
     print(
         f"{a.case} B={a.batch} {tag}: warm {warm:.2f} us  cold({sets} sets) {cold:.2f} us"
         f"  selected {sel_bytes / 1e6:.1f} MB -> {sel_bytes / cold / 1e3:.0f} GB/s cold; {host}"
     )
     if a.roof:
-        g_us = graph_us(csets, a.calls, gather_roof_fn(1 if n > 1 else s_kv // 64))
+        roof_fn = gather_roof_fn(1 if n > 1 else s_kv // 64)
+        g_us = graph_us([c[:4] for c in csets], a.calls, roof_fn)
         print(
             f"  gather roof (Triton read-only, same selection, cold): {g_us:.2f} us  "
             f"-> {sel_bytes / g_us / 1e3:.0f} GB/s"

@@ -7,6 +7,7 @@
 #   scripts/ab_gpu.sh run           on the GPU machine: builds both libraries (no tests), then for
 #                                   each CASE:BATCH in $AB_CASES times the ref and the tree in turn,
 #                                   $AB_REPS times (default 2), with bench/profile_kernel.py
+#                                   (and the words of $AB_ARGS, e.g. --kv-lens)
 #   scripts/ab_gpu.sh knob VAR=A VAR=B
 #                                   on the GPU machine: the tree's library (NSA_SEL_LIB if set,
 #                                   e.g. one built here and carried, else built) timed the same
@@ -32,8 +33,9 @@ time_cases() {
         local label env_words
         if [[ $side == A ]]; then label=$1 env_words=$2; else label=$3 env_words=$4; fi
         printf '%-4s %s:%s #%s  ' "$label" "$name" "$batch" "$rep"
-        # shellcheck disable=SC2086  # env_words is a list of VAR=VALUE words
-        env $env_words python3 bench/profile_kernel.py --case "$name" --batch "$batch" |
+        # shellcheck disable=SC2086  # env_words and AB_ARGS are lists of words
+        env $env_words python3 bench/profile_kernel.py --case "$name" --batch "$batch" \
+          ${AB_ARGS:-} |
           sed 's/^.*: warm/warm/'
       done
     done
