@@ -333,7 +333,7 @@ def main():
         torch.cuda.synchronize()
         return
     if a.trace:
-        splits = 8  # the most (kMaxSplits): blocks past the grid keep zero records, dropped
+        splits = 16  # the most (kMaxSplits): blocks past the grid keep zero records, dropped
         trace_report(
             [make_inputs(a.case, a.batch, gen, a.kv_lens) for _ in range(sets)],
             a.calls,
