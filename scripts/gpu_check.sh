@@ -13,7 +13,8 @@
 # *Sanitizer* (racecheck again with one stage forced, and with four teams), bench.
 # STEPS="configure build fast_path bench" runs a subset (for performance iterations);
 # BENCH_ARGS replaces the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
-# step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes.
+# step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes; and "ncu" (not a
+# default step either): scripts/ncu_gpu.sh, Nsight Compute counters of the target shapes.
 # Each step's log goes to $OUT/<step>.log; a failing step does not stop the next ones; a summary
 # table closes the run, and the exit status is non-zero if any step failed. The whole run keeps
 # to GPU_CHECK_BUDGET_S seconds (default 570, under the 10-minute ceiling of one device call;
@@ -170,6 +171,8 @@ step bench 400 env "${strict_env[@]}" PYTHONUNBUFFERED=1 python3 bench/bench_sel
   ${BENCH_ARGS:---quick} --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
 # Not in the default steps: kernel timing + phase trace per shape (scripts/profile_gpu.sh).
 step profile 240 bash "$root/scripts/profile_gpu.sh"
+# Not in the default steps: ncu counters and the resource report (scripts/ncu_gpu.sh).
+step ncu 300 bash "$root/scripts/ncu_gpu.sh"
 
 {
   echo
