@@ -456,9 +456,11 @@ TEST(Sanitizer, SmallGrid) {
   // (b, d, n), 2 rows per b: 1 and 5 split 16 and 8 ways, 1 team (n = 5 < 2 tiles per team); 16
   // with 9 ranges: 2 splits and 2 teams (instead of 4 splits); 50 rows of 32 KB tiles: unsplit, 2
   // teams; the same of 16 KB tiles with 16 ranges (of up to 80 tokens, so up to 20 tiles a row):
-  // unsplit, 4 teams; 400: the rows fill the GPU, no split, 1 team.
+  // unsplit, 4 teams; 400: the rows fill the GPU, no split, 1 team; and 2 of 32 KB tiles with 16
+  // ranges: 16 splits of 1-2 tiles each, the plan of the d128 B=1 target shape.
   for (const auto& [b, d, n] : {std::tuple<int64_t, int64_t, int64_t>{1, 64, 5},
                                 {5, 64, 5},
+                                {2, 128, 16},
                                 {16, 64, 9},
                                 {50, 128, 5},
                                 {50, 64, 16},
