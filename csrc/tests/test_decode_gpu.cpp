@@ -302,6 +302,65 @@ TEST(Decode, UnselectedNanNeverRead) {
   expect_close(pr, got, pr.run_cpu());
 }
 
+// NSA's own selection: n blocks of 64 tokens (aligned and not), a few of 128 or 32, the last one
+// of each sequence cut by kv_lens; K/V rows outside the selection are NaN. Whole 64-token tiles
+// inside one range are read by tensor copies (sm_90), the others by cp.async, so every tile kind
+// meets in one row, in grids of one row (16 splits), a few and many rows, every head dim, with
+// the cache a strided slice.
+TEST(Decode, BlockSelectionsTensorCopies) {
+  REQUIRE_GPU();
+  uint64_t seed = 31;
+  for (const auto& [b, g, h, d_k, d_v, n, dtype] :
+       {std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>{
+            1, 4, 16, 192, 128, 16, NSA_SEL_BF16},
+        {3, 2, 64, 128, 128, 12, NSA_SEL_F16},
+        {60, 4, 16, 192, 128, 16, NSA_SEL_BF16},
+        {9, 1, 8, 64, 64, 7, NSA_SEL_F16},
+        {2, 3, 16, 256, 256, 10, NSA_SEL_BF16}}) {
+    Case c;
+    c.dtype = dtype;
+    c.b = b;
+    c.g = g;
+    c.h = h;
+    c.d_k = d_k;
+    c.d_v = d_v;
+    c.n = n;
+    c.s_kv = 4096;
+    c.kv_lens = true;
+    c.kv_pad = 40;
+    Problem pr(c, seed++);
+    std::mt19937_64 rng(seed);
+    const uint16_t nan = 0x7fc0;
+    for (int64_t bb = 0; bb < c.b; ++bb) {
+      pr.kv_lens[bb] = c.s_kv - 20 - static_cast<int64_t>(rng() % 40);
+      for (int64_t gg = 0; gg < c.g; ++gg) {
+        std::vector<bool> sel(pr.s_alloc, false);
+        for (int64_t i = 0; i < c.n; ++i) {
+          const int64_t base = ((bb * c.g + gg) * c.n + i) * 2;
+          const int64_t len = i % 5 == 1 ? 128 : i % 5 == 3 ? 32 : 64;
+          int64_t s0 = static_cast<int64_t>(rng() % (c.s_kv - 128));
+          if (i % 2 == 0) s0 &= ~int64_t{63};           // block-aligned
+          if (i == c.n - 1) s0 = pr.kv_lens[bb] - 30;   // the current block, cut by kv_lens
+          pr.ranges[base] = s0;
+          pr.ranges[base + 1] = s0 + len;
+          for (int64_t t = s0; t < std::min(s0 + len, pr.kv_lens[bb]); ++t) sel[t] = true;
+        }
+        for (int64_t t = 0; t < pr.s_alloc; ++t) {
+          if (sel[t]) continue;
+          for (int64_t d = 0; d < c.d_k; ++d)
+            pr.k[((bb * c.g + gg) * pr.s_alloc + t) * c.d_k + d] = nan;
+          for (int64_t d = 0; d < c.d_v; ++d)
+            pr.v[((bb * c.g + gg) * pr.s_alloc + t) * c.d_v + d] = nan;
+        }
+      }
+    }
+    pr.upload();
+    SCOPED_TRACE(::testing::Message() << "b=" << c.b << " g=" << c.g << " h=" << c.h
+                                      << " dk=" << c.d_k << " n=" << c.n);
+    expect_close(pr, pr.run_gpu(), pr.run_cpu());
+  }
+}
+
 // Scores that climb along the selection (K rows scaled by a ramp over the tokens, rising in
 // group 0, falling in group 1): the online softmax's running maximum moves at nearly every tile
 // in some rows and never after the first in others, over 16 tiles per row, in a grid of more

@@ -59,6 +59,7 @@ bool plan_kv_split(int stages);
 int plan_pdl_lead();
 
 // Under NSA_SEL_DEBUG_PLAN=1, prints a launch's final plan once per distinct plan (stderr).
-void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split, int smem);
+void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split, int smem,
+                 bool tma);
 
 }  // namespace nsa_sel

@@ -119,17 +119,17 @@ int debug_knob(const char* name) {
 // NSA_SEL_DEBUG_PLAN=1: each distinct plan a launch ends with, once per process, on stderr, for
 // tuning runs (what a forced knob and the launcher's occupancy checks left).
 void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split,
-                 int smem) {
+                 int smem, bool tma) {
   static const bool on = debug_knob("NSA_SEL_DEBUG_PLAN") == 1;
   if (!on) return;
   char line[256];
   std::snprintf(line, sizeof line,
                 "nsa_sel plan: b=%lld g=%lld h=%lld d=%lld/%lld n=%lld -> splits=%d teams=%d "
-                "stages=%d kv_split=%d smem=%d\n",
+                "stages=%d kv_split=%d smem=%d tma=%d\n",
                 static_cast<long long>(p.b), static_cast<long long>(p.g),
                 static_cast<long long>(p.h), static_cast<long long>(p.d_k),
                 static_cast<long long>(p.d_v), static_cast<long long>(p.n), splits, teams, stages,
-                kv_split ? 1 : 0, smem);
+                kv_split ? 1 : 0, smem, tma ? 1 : 0);
   static std::mutex mu;
   static std::set<std::string> seen;
   std::lock_guard<std::mutex> lock(mu);
@@ -155,6 +155,52 @@ bool plan_kv_split(int stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_KVSPLIT");
   if (forced == 1 || forced == 2) return forced == 2;
   return stages == 1;
+}
+
+// Tensor maps of K and V as 4D tensors [b][g][s_kv][d] (the kernel's tensor copies read boxes of
+// 64 tokens x 64 columns with the 128-byte swizzle). cuTensorMapEncodeTiled is a driver
+// function: its address is asked of the runtime once, so the library links no libcuda.
+// NSA_SEL_DEBUG_NO_TMA=1 turns the tensor copies off (every tile by cp.async).
+bool make_kv_maps(const NsaSelParams& p, const DeviceInfo& dev, CUtensorMap* tk,
+                  CUtensorMap* tv) {
+  static const bool off = debug_knob("NSA_SEL_DEBUG_NO_TMA") == 1;
+  if (off || dev.cc_major < 9 || p.b < 1 || p.g < 1 || p.s_kv < 1) return false;
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                              const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                              const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static const Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                         cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr) return false;
+  const CUtensorMapDataType type =
+      p.dtype == NSA_SEL_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  auto make = [&](CUtensorMap* m, const void* base, int64_t d, int64_t st, int64_t sg,
+                  int64_t sb) {
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(p.s_kv),
+                                static_cast<cuuint64_t>(p.g), static_cast<cuuint64_t>(p.b)};
+    // Bytes; a dimension of extent 1 is never stepped, so any valid stride stands for it.
+    auto bytes = [&](int64_t stride, int64_t extent) {
+      return static_cast<cuuint64_t>(extent == 1 || stride <= 0 ? 16 * d : stride * 2);
+    };
+    const cuuint64_t strides[3] = {bytes(st, p.s_kv), bytes(sg, p.g), bytes(sb, p.b)};
+    const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kTileTokens), 1, 1};
+    const cuuint32_t unit[4] = {1, 1, 1, 1};
+    return encode(m, type, 4, const_cast<void*>(base), dims, strides, box, unit,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  return make(tk, p.k, p.d_k, p.k_stride_t, p.k_stride_g, p.k_stride_b) &&
+         make(tv, p.v, p.d_v, p.v_stride_t, p.v_stride_g, p.v_stride_b);
 }
 
 int64_t tiles_bound(const NsaSelParams& p) {

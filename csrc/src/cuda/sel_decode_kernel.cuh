@@ -23,6 +23,7 @@
 // next tile's K streams in during PV and the tile's V during QK^T, with no more shared memory.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (a plain struct: no driver library is linked)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -71,6 +72,8 @@ struct DecodeTraits {
   static constexpr int kTileBytes = tile_bytes_for(DK, DV);
   static constexpr int kStages = max_stages_for(kTileBytes);  // plan.hpp
   static constexpr int kTokBufs = kStages + 1;  // token-index buffers (see the main loop)
+  // Per team: kTokBufs buffers of kTile token indices, then kTokBufs tile starts (padded to 16).
+  static constexpr int kTokInts = kTokBufs * kTile + 16;
   static constexpr int kChunksK = DK * 2 / 16;  // 16-byte chunks per K row
   static constexpr int kChunksV = DV * 2 / 16;
   static constexpr int kHeads = MT * 16;  // padded heads
@@ -86,9 +89,15 @@ struct DecodeTraits {
   static_assert(kThreads % 64 == 0 && kTile % (kThreads / 8) == 0,
                 "the load mapping needs rows per pass (threads / 8) to be a multiple of 8");
 
-  // Shared memory layout (bytes), all offsets multiples of 16; per-team areas are indexed by team.
+  // Shared memory layout (bytes), all offsets multiples of 16 and the K/V stages multiples of 1024
+  // (the tensor copies' 128-byte swizzle repeats every 1024 bytes); per-team areas are indexed by
+  // team.
   static constexpr int kQBytes = kHeads * DK * 2;
-  static constexpr int kKStageBytes = kTile * DK * 2;  // a stage: K rows, then V rows
+  // A stage: K, then V, each as column blocks of 64 elements [DK / 64][kTile rows][128 bytes]
+  // (the box of one tensor copy; see kv_off).
+  static constexpr int kKStageBytes = kTile * DK * 2;
+  static_assert(kQBytes % 1024 == 0 && kKStageBytes % 1024 == 0 && kTileBytes % 1024 == 0,
+                "the K/V stages must start on 1024-byte boundaries");
   // After the main loop the K/V stages are reused for the merges.
   static constexpr int kStateBytes = kHeads * (kOStride + 2) * 4;  // one (O, m, l) set
   static constexpr int kMergeBytes = kSlices * kStateBytes;        // per team
@@ -108,10 +117,14 @@ struct DecodeTraits {
            teams * (stages * kTileBytes > kMergeBytes ? stages * kTileBytes : kMergeBytes);
   }
   __host__ __device__ static constexpr int off_recv(int stages, int teams) {
-    return off_tok(stages, teams) + teams * kTokBufs * kTile * 4;
+    return off_tok(stages, teams) + teams * kTokInts * 4;
+  }
+  // The tensor copies' mbarriers: [teams][stages][K, V].
+  __host__ __device__ static constexpr int off_bars(int stages, int splits, int teams) {
+    return off_recv(stages, teams) + (splits > 1 ? recv_area(splits) : 0);
   }
   __host__ __device__ static constexpr int off_ranges(int stages, int splits, int teams) {
-    return off_recv(stages, teams) + (splits > 1 ? recv_area(splits) : 0);
+    return off_bars(stages, splits, teams) + teams * stages * 16;
   }
   __host__ __device__ static constexpr int smem_bytes(int64_t n, int stages, int splits,
                                                       int teams) {
@@ -283,6 +296,14 @@ __device__ __forceinline__ int swz(int row, int chunk, int chunks) {
   return (row * chunks + (chunk ^ (row & 7))) * 16;
 }
 
+// Byte offset of 16-byte chunk `chunk` of row `row` in a K or V stage, stored as column blocks of
+// 64 elements: [chunk / 8][kTileTokens rows][128 bytes], the chunk XORed with (row & 7) within
+// its 128-byte row. That is the layout a tensor copy of a 64-column box with the 128-byte
+// swizzle writes at a 1024-byte aligned address, and ldmatrix's 8 rows hit all 32 banks.
+__device__ __forceinline__ int kv_off(int row, int chunk) {
+  return ((chunk >> 3) * kTileTokens + row) * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
 __device__ __forceinline__ int64_t load_idx(const void* base, int32_t type, int64_t off) {
   return type == NSA_SEL_I64 ? static_cast<const int64_t*>(base)[off]
                              : static_cast<int64_t>(static_cast<const int32_t*>(base)[off]);
@@ -296,6 +317,38 @@ __device__ __forceinline__ void merge_weights(float m, float m2, float& w, float
   const float ref = mm == -INFINITY ? 0.f : mm;
   w = fast_exp2(m - ref);
   w2 = fast_exp2(m2 - ref);
+}
+
+// Bulk tensor copies (TMA, sm_90): one box of a 4D tensor map [B][G][S_kv][D] (innermost
+// last in the map's order: D, S_kv, G, B) into shared memory, counted on a CTA mbarrier.
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1,
+                                            int c2, int c3, uint64_t* bar) {
+#ifdef NSA_SEL_HAS_CLUSTERS
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(smem_addr(bar))
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+#ifdef NSA_SEL_HAS_CLUSTERS
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#endif
+}
+// Waits for the completion of phase `parity` (0 or 1) of a CTA mbarrier.
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n"
+        " mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
 }
 
 // Phase timestamps for tuning builds (-DNSA_SEL_TRACE=ON): thread 0 of each of the first
@@ -329,8 +382,10 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 // clang-format off
 template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
-    sel_decode_kernel(const NsaSelParams p, const float scale_log2, const int splits,
-                      const int stages, const int pdl_lead, unsigned long long* trace) {
+    sel_decode_kernel(const NsaSelParams p, const __grid_constant__ CUtensorMap tmap_k,
+                      const __grid_constant__ CUtensorMap tmap_v, const int tma_on,
+                      const float scale_log2, const int splits, const int stages,
+                      const int pdl_lead, unsigned long long* trace) {
   // clang-format on
   using Tr = DecodeTraits<T, DK, DV, MT>;
   static_assert(TEAMS >= 1 && TEAMS <= Tr::kMaxTeams, "unsupported team count");
@@ -340,7 +395,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   constexpr bool kv_split = KV_SPLIT;
   constexpr int teams = TEAMS;
   constexpr int nthreads = Tr::kThreads * TEAMS;  // == blockDim.x
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const int tid = threadIdx.x;
   const int team = TEAMS == 1 ? 0 : tid / Tr::kThreads;
   const int ttid = TEAMS == 1 ? tid : tid % Tr::kThreads;  // thread within the team
@@ -348,11 +403,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   unsigned char* kv_s = smem + Tr::off_kv(teams);
   unsigned char* kv_team = kv_s + team * stages * Tr::kTileBytes;  // this team's stages
   int32_t* tok_s = reinterpret_cast<int32_t*>(smem + Tr::off_tok(stages, teams)) +
-                   team * Tr::kTokBufs * Tr::kTile;  // this team's [kTokBufs][64]
+                   team * Tr::kTokInts;  // this team's [kTokBufs][64], then tile starts
   int32_t* excl_s =
       reinterpret_cast<int32_t*>(smem + Tr::off_ranges(stages, splits, teams));  // [n]
   int32_t* key_s = excl_s + p.n;                                                 // [n]
   int32_t* total_s = key_s + p.n;                                                // [1]
+  // The tensor copies' mbarriers of this team: K of stage s at 2s, V at 2s + 1.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Tr::off_bars(stages, splits, teams)) +
+                   team * stages * 2;
 
   unsigned long long* trace_rec =
       trace != nullptr && blockIdx.x < kTraceMaxBlocks ? trace + blockIdx.x * kTraceWords : nullptr;
@@ -374,6 +432,24 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   const unsigned char* r_base = static_cast<const unsigned char*>(p.ranges);
   const int64_t r_row = b * p.r_stride_b + g * p.r_stride_g;
 
+  // K/V tiles that are 64 consecutive tokens of the cache (a whole tile inside one range) come in
+  // by tensor copies (thread 0 of the team issues one per 64-column block, counted on the stage's
+  // mbarrier), the others by the threads' cp.async. tma_on: the launch made the tensor maps, and
+  // the stages are where the maps' swizzle expects them (1024-byte aligned).
+#ifdef NSA_SEL_HAS_CLUSTERS
+  const bool tma = tma_on != 0 && (smem_addr(smem) & 1023) == 0;
+#else
+  constexpr bool tma = false;
+  (void)tma_on;
+#endif
+  if (tma && tid == 0) {
+    prefetch_tensormap(&tmap_k);
+    prefetch_tensormap(&tmap_v);
+    uint64_t* all = reinterpret_cast<uint64_t*>(smem + Tr::off_bars(stages, splits, teams));
+    for (int i = 0; i < teams * stages * 2; ++i) mbar_init(all + i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
 #ifdef NSA_SEL_HAS_CLUSTERS
   // Split blocks write into their peers' shared memory at the end, which is allowed once every
   // block of the cluster has started and initialised the mbarrier that counts the bytes coming
@@ -482,8 +558,35 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   const int rounds = TEAMS == 1 ? my_tiles : (my_tiles + teams - 1) / teams;
   const int n_ranges = static_cast<int>(p.n);
 
-  // Token index of each position of the team's tile `it`, -1 past the end.
-  auto fill_tok = [&](int it) {
+  // Stages whose K (bit 2s) or V (bit 2s + 1) is in flight by tensor copy, and the parity of
+  // each mbarrier's next phase: the same in every thread of the team (tile_s decides).
+  uint32_t tma_pending = 0, tma_parity = 0;
+  // The tensor copies of tile `it` (first token t0) into `stage`, by one thread of the team.
+  auto issue_tma = [&](int t0, int stage, bool do_k, bool do_v) {
+    unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
+    unsigned char* v_st = k_st + Tr::kKStageBytes;
+    const int gi = static_cast<int>(g), bi = static_cast<int>(b);
+    if (do_k) {
+      mbar_arrive_expect_tx(bars + 2 * stage, Tr::kKStageBytes);
+#pragma unroll
+      for (int j = 0; j < DK / 64; ++j)
+        tma_load_4d(k_st + j * Tr::kTile * 128, &tmap_k, j * 64, t0, gi, bi, bars + 2 * stage);
+    }
+    if (do_v) {
+      mbar_arrive_expect_tx(bars + 2 * stage + 1, Tr::kTile * DV * 2);
+#pragma unroll
+      for (int j = 0; j < DV / 64; ++j)
+        tma_load_4d(v_st + j * Tr::kTile * 128, &tmap_v, j * 64, t0, gi, bi,
+                    bars + 2 * stage + 1);
+    }
+  };
+  // Token index of each position of the team's tile `it`, -1 past the end; and in tile_s the
+  // tile's first token where all 64 lie in one range (the tile is 64 consecutive rows of the
+  // cache: a tensor copy), else -1.
+  int32_t* tile_s = tok_s + Tr::kTokBufs * Tr::kTile;  // [kTokBufs] after the token buffers
+  // early: the prologue's tile `it`, whose stage (it) is free; thread 0 issues its tensor copies
+  // at once (K, and V unless it is the split pipeline's last prologue tile, see below).
+  auto fill_tok = [&](int it, bool early = false) {
     if (ttid < Tr::kTile) {
       const int pos = (tile_begin + team + it * teams) * Tr::kTile + ttid;
       int tok = -1;
@@ -497,6 +600,14 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
             hi = mid;
         }
         tok = key_s[lo - 1] + pos;
+        if (ttid == 0) {
+          const int next = lo < n_ranges ? excl_s[lo] : total;  // where range lo - 1 ends
+          const bool whole = tma && next >= pos + Tr::kTile;
+          tile_s[it % Tr::kTokBufs] = whole ? tok : -1;
+          if (whole && early) issue_tma(tok, it, true, it + 1 < stages);
+        }
+      } else if (ttid == 0) {
+        tile_s[it % Tr::kTokBufs] = -1;
       }
       tok_s[(it % Tr::kTokBufs) * Tr::kTile + ttid] = tok;
     }
@@ -507,7 +618,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   constexpr int kRowsPerPass = Tr::kThreads / 8;
   const int ld_row = ttid >> 3;
   const int ld_col = ((ttid & 7) ^ (ld_row & 7)) * 16;  // bytes; kRowsPerPass is a multiple of 8
-  auto issue_loads = [&](int it, int stage, bool do_k = true, bool do_v = true) {
+  // `early`: thread 0 of the team issued this tile's tensor copies already (the prologue).
+  auto issue_loads = [&](int it, int stage, bool do_k = true, bool do_v = true,
+                         bool early = false) {
+    const int t0 = tile_s[it % Tr::kTokBufs];
+    if (t0 >= 0) {  // team-uniform
+      if (ttid == 0 && !early) issue_tma(t0, stage, do_k, do_v);
+      tma_pending |= (do_k ? 1u : 0u) << (2 * stage) | (do_v ? 2u : 0u) << (2 * stage);
+      return;
+    }
     const int32_t* tok = tok_s + (it % Tr::kTokBufs) * Tr::kTile;
     unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
     unsigned char* v_st = k_st + Tr::kKStageBytes;
@@ -520,18 +639,27 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
           k_row + (valid ? static_cast<int64_t>(t) * p.k_stride_t : 0) + (ttid & 7) * 8;
       const T* v_src =
           v_row + (valid ? static_cast<int64_t>(t) * p.v_stride_t : 0) + (ttid & 7) * 8;
-      unsigned char* k_dst = k_st + r * (DK * 2) + ld_col;
-      unsigned char* v_dst = v_st + r * (DV * 2) + ld_col;
+      unsigned char* k_dst = k_st + r * 128 + ld_col;  // column block j at + j * kTile * 128
+      unsigned char* v_dst = v_st + r * 128 + ld_col;
       if (do_k) {
 #pragma unroll
         for (int j = 0; j < Tr::kChunksK / 8; ++j)
-          cp_async16(k_dst + j * 128, k_src + j * 64, valid);
+          cp_async16(k_dst + j * Tr::kTile * 128, k_src + j * 64, valid);
       }
       if (do_v) {
 #pragma unroll
         for (int j = 0; j < Tr::kChunksV / 8; ++j)
-          cp_async16(v_dst + j * 128, v_src + j * 64, valid);
+          cp_async16(v_dst + j * Tr::kTile * 128, v_src + j * 64, valid);
       }
+    }
+  };
+  // Waits for the tensor copies of `stage`'s K (v = 0) or V (v = 1) where they are in flight.
+  auto wait_tma = [&](int stage, int v) {
+    const uint32_t bit = 1u << (2 * stage + v);
+    if (tma_pending & bit) {  // team-uniform
+      mbar_wait_parity(bars + 2 * stage + v, (tma_parity & bit) ? 1u : 0u);
+      tma_parity ^= bit;
+      tma_pending &= ~bit;
     }
   };
 
@@ -548,20 +676,20 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // stage's K half is refilled as soon as QK^T has read it and its V half once PV has.
   const int pro_tiles = kv_split ? stages : stages - 1;
   for (int it = 0; it < pro_tiles; ++it)
-    if (it < team_tiles) fill_tok(it);
+    if (it < team_tiles) fill_tok(it, true);
   team_sync<TEAMS, Tr::kThreads>(team);
   if constexpr (kv_split) {
     for (int it = 0; it < stages; ++it) {
-      if (it < team_tiles) issue_loads(it, it, true, false);
+      if (it < team_tiles) issue_loads(it, it, true, false, true);
       cp_async_commit();
       if (it + 1 < stages) {
-        if (it < team_tiles) issue_loads(it, it, false, true);
+        if (it < team_tiles) issue_loads(it, it, false, true, true);
         cp_async_commit();
       }
     }
   } else {
     for (int it = 0; it < stages - 1; ++it) {
-      if (it < team_tiles) issue_loads(it, it);
+      if (it < team_tiles) issue_loads(it, it, true, true, true);
       cp_async_commit();
     }
   }
@@ -610,12 +738,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       cp_async_commit();
       if (nxt + 1 < team_tiles) fill_tok(nxt + 1);
       cp_async_wait_rt(2 * stages - 1);  // K of tile it (V it, then K/V of it+1 .. may pend)
+      wait_tma(st_use, 0);
     } else {
       if (nxt < team_tiles) fill_tok(nxt);
       team_sync<TEAMS, Tr::kThreads>(team);
       if (nxt < team_tiles) issue_loads(nxt, st_fill);
       cp_async_commit();
       cp_async_wait_rt(stages - 1);
+      wait_tma(st_use, 0);
+      wait_tma(st_use, 1);
     }
     team_sync<TEAMS, Tr::kThreads>(team);
     if (it == 0) NSA_SEL_TRACE_MARK(3);
@@ -652,8 +783,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
       for (int nb2 = 0; nb2 < kNB / 2; ++nb2) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, smem_addr(k_st + swz(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
-                                             2 * kk + (lm & 1), Tr::kChunksK)));
+        ldmatrix_x4(kb, smem_addr(k_st + kv_off(tok0 + nb2 * 16 + lr + 8 * (lm >> 1),
+                                                2 * kk + (lm & 1))));
         float (&acc)[kNB][4] = s[kk % kChains];
         mma16816<T>(acc[2 * nb2], a, kb[0], kb[1]);
         mma16816<T>(acc[2 * nb2 + 1], a, kb[2], kb[3]);
@@ -711,6 +842,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       if (nxt + 1 < team_tiles) issue_loads(nxt + 1, st_this, true, false);
       cp_async_commit();
       cp_async_wait_rt(2 * stages - 1);
+      wait_tma(st_this, 1);
       team_sync<TEAMS, Tr::kThreads>(team);
     }
 
@@ -725,8 +857,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 #pragma unroll
       for (int dc = 0; dc < DV / 16; ++dc) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, smem_addr(v_st + swz(tok0 + ks * 16 + lr + 8 * (lm & 1),
-                                                   2 * dc + (lm >> 1), Tr::kChunksV)));
+        ldmatrix_x4_trans(vb, smem_addr(v_st + kv_off(tok0 + ks * 16 + lr + 8 * (lm & 1),
+                                                      2 * dc + (lm >> 1))));
         mma16816<T>(o[2 * dc], a, vb[0], vb[1]);
         mma16816<T>(o[2 * dc + 1], a, vb[2], vb[3]);
       }

@@ -19,6 +19,11 @@ constexpr int kMaxDevices = 64;
 // Maps a CUDA error to the library's status (no device / sticky / other) with a message.
 NsaSelStatus cuda_status(cudaError_t err, const char* what);
 
+// Tensor maps of K and V for the kernel's tensor copies (sel_decode.cu); false where there are
+// none (before sm_90, no driver entry point, a layout the encoder refuses, or the debug knob):
+// the kernel then reads every tile by cp.async.
+bool make_kv_maps(const NsaSelParams& p, const DeviceInfo& dev, CUtensorMap* tk, CUtensorMap* tv);
+
 // Tuning builds (NSA_SEL_TRACE): this launch's block records in the trace ring; null otherwise.
 unsigned long long* trace_records();
 
@@ -240,7 +245,6 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     }
   }
   const int smem = smem_now();
-  report_plan(p, splits, teams, stages, kv_split, smem);
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in exp2 form
 
@@ -270,8 +274,12 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
   const int pdl_lead = plan_pdl_lead();
+  CUtensorMap tmap_k{}, tmap_v{};
+  const int tma_on = make_kv_maps(p, dev, &tmap_k, &tmap_v) ? 1 : 0;
+  report_plan(p, splits, teams, stages, kv_split, smem, tma_on != 0);
   auto launch_with = [&](auto kernel) {
-    return cudaLaunchKernelEx(&cfg, kernel, p, scale_log2, splits, stages, pdl_lead, trace);
+    return cudaLaunchKernelEx(&cfg, kernel, p, tmap_k, tmap_v, tma_on, scale_log2, splits, stages,
+                              pdl_lead, trace);
   };
   auto kernel = teams == 4 ? kernel4 : teams == 2 ? kernel2 : kv_split ? kernel1s : kernel1;
   KernelCache& kc = teams == 4 ? cache4 : teams == 2 ? cache2 : kv_split ? cache1s : cache1;
