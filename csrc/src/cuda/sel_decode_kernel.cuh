@@ -194,10 +194,13 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals)
                : "memory");
 }
+// (The mbarrier wrappers below are sm_90 instructions: empty before, where no path calls them.)
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#ifdef NSA_SEL_HAS_CLUSTERS
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
                "r"(bytes)
                : "memory");
+#endif
 }
 // Waits for phase 0 of the barrier, with acquire semantics at cluster scope (the peers' st.async
 // data is visible afterwards).
@@ -339,6 +342,7 @@ __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
 }
 // Waits for the completion of phase `parity` (0 or 1) of a CTA mbarrier.
 __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity) {
+#ifdef NSA_SEL_HAS_CLUSTERS
   uint32_t done = 0;
   do {
     asm volatile(
@@ -349,6 +353,7 @@ __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity)
         : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
   } while (!done);
+#endif
 }
 
 // Phase timestamps for tuning builds (-DNSA_SEL_TRACE=ON): thread 0 of each of the first
@@ -447,8 +452,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     prefetch_tensormap(&tmap_v);
     uint64_t* all = reinterpret_cast<uint64_t*>(smem + Tr::off_bars(stages, splits, teams));
     for (int i = 0; i < teams * stages * 2; ++i) mbar_init(all + i, 1);
+#ifdef NSA_SEL_HAS_CLUSTERS
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
   }
 #ifdef NSA_SEL_HAS_CLUSTERS
   // Split blocks write into their peers' shared memory at the end, which is allowed once every
