@@ -13,6 +13,9 @@
 #                                   e.g. one built here and carried, else built) timed the same
 #                                   way with each setting of a debug knob in turn
 #                                   (e.g. NSA_SEL_DEBUG_KVSPLIT=1 NSA_SEL_DEBUG_KVSPLIT=2)
+#   scripts/ab_gpu.sh libs LIB_A LIB_B
+#                                   on the GPU machine: two libraries built here and carried
+#                                   (e.g. one at a ref, one of the tree), timed the same way
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -68,8 +71,14 @@ case "${1:-}" in
     echo "$a against $b ($lib)"
     time_cases A "NSA_SEL_LIB=$lib $a" B "NSA_SEL_LIB=$lib $b"
     ;;
+  libs)
+    a="${2:?usage: scripts/ab_gpu.sh libs LIB_A LIB_B}"
+    b="${3:?usage: scripts/ab_gpu.sh libs LIB_A LIB_B}"
+    echo "$a against $b"
+    time_cases A "NSA_SEL_LIB=$a" B "NSA_SEL_LIB=$b"
+    ;;
   *)
-    echo "usage: scripts/ab_gpu.sh prepare REF | run | knob VAR=A VAR=B"
+    echo "usage: scripts/ab_gpu.sh prepare REF | run | knob VAR=A VAR=B | libs LIB_A LIB_B"
     exit 2
     ;;
 esac

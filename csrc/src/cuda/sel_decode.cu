@@ -164,6 +164,16 @@ bool plan_kv_split(int stages) {
 bool make_kv_maps(const NsaSelParams& p, const DeviceInfo& dev, CUtensorMap* tk,
                   CUtensorMap* tv) {
   static const bool off = debug_knob("NSA_SEL_DEBUG_NO_TMA") == 1;
+  // NSA_SEL_DEBUG_L2PROMO (tuning): the maps' L2 promotion, 1 none, 2 64 B, 3 128 B (default),
+  // 4 256 B.
+  static const CUtensorMapL2promotion promo = [] {
+    switch (debug_knob("NSA_SEL_DEBUG_L2PROMO")) {
+      case 1: return CU_TENSOR_MAP_L2_PROMOTION_NONE;
+      case 2: return CU_TENSOR_MAP_L2_PROMOTION_L2_64B;
+      case 4: return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+      default: return CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
+    }
+  }();
   if (off || dev.cc_major < 9 || p.b < 1 || p.g < 1 || p.s_kv < 1) return false;
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                               const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -196,8 +206,7 @@ bool make_kv_maps(const NsaSelParams& p, const DeviceInfo& dev, CUtensorMap* tk,
     const cuuint32_t unit[4] = {1, 1, 1, 1};
     return encode(m, type, 4, const_cast<void*>(base), dims, strides, box, unit,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                  CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+                  promo, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
   return make(tk, p.k, p.d_k, p.k_stride_t, p.k_stride_g, p.k_stride_b) &&
          make(tv, p.v, p.d_v, p.v_stride_t, p.v_stride_g, p.v_stride_b);
