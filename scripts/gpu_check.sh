@@ -8,9 +8,12 @@
 # again with one pipeline stage forced on every shape: the plan v13 takes on many-wave shapes),
 # teams4 (the GPU suite with NSA_SEL_DEBUG_TEAMS=4: four warp teams on every d=64 shape, two on
 # the others), splits16 (the GPU suite with NSA_SEL_DEBUG_SPLITS=16: 16-block clusters wherever
-# they are all resident at once and h <= 16, 8 elsewhere),
+# they are all resident at once and h <= 16, 8 elsewhere), early (the GPU suite with
+# NSA_SEL_DEBUG_EARLY_TMA=2: the early first-tile issue on every one-team plan of 2+ stages that
+# allows it, where by default only blocks > SMs take it),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
-# *Sanitizer* (racecheck again with one stage forced, and with four teams), bench.
+# *Sanitizer* (racecheck again with one stage forced, with four teams, and with the early issue),
+# bench.
 # STEPS="configure build fast_path bench" runs a subset (for performance iterations);
 # BENCH_ARGS replaces the benchmark's default arguments (--quick). STEPS may also name "profile" (not a default
 # step): scripts/profile_gpu.sh, graph time and phase trace of a few shapes; and "ncu" (not a
@@ -62,7 +65,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 splits16 pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 splits16 early pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 racecheck_early bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -160,12 +163,14 @@ step ctest 150 ctest --test-dir "$build" --output-on-failure -j4 --timeout 120
 step stages1 120 "${shards[@]}" NSA_SEL_DEBUG_STAGES=1
 step teams4 120 "${shards[@]}" NSA_SEL_DEBUG_TEAMS=4
 step splits16 120 "${shards[@]}" NSA_SEL_DEBUG_SPLITS=16
+step early 120 "${shards[@]}" NSA_SEL_DEBUG_EARLY_TMA=2
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck
 step initcheck 60 "${sanitize[@]}" initcheck
 step racecheck_stages1 90 env NSA_SEL_DEBUG_STAGES=1 "${sanitize[@]}" racecheck
 step racecheck_teams4 90 env NSA_SEL_DEBUG_TEAMS=4 "${sanitize[@]}" racecheck
+step racecheck_early 90 env NSA_SEL_DEBUG_EARLY_TMA=2 "${sanitize[@]}" racecheck
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 step bench 400 env "${strict_env[@]}" PYTHONUNBUFFERED=1 python3 bench/bench_sel_cuda.py \
   ${BENCH_ARGS:---quick} --csv "$OUT/bench.csv" --plot "$OUT/bench.png"

@@ -43,7 +43,8 @@ NsaSelParams shape(int64_t b, int64_t g, int64_t h, int64_t dk, int64_t dv, int6
 const DeviceInfo kHopper{132, 9, 227 * 1024};
 
 void expect_default_plan() {
-  for (const char* knob : {"NSA_SEL_DEBUG_SPLITS", "NSA_SEL_DEBUG_STAGES", "NSA_SEL_DEBUG_TEAMS"})
+  for (const char* knob : {"NSA_SEL_DEBUG_SPLITS", "NSA_SEL_DEBUG_STAGES", "NSA_SEL_DEBUG_TEAMS",
+                           "NSA_SEL_DEBUG_EARLY_TMA"})
     ASSERT_EQ(std::getenv(knob), nullptr) << knob << " is set: these tests check the default plan";
 }
 
@@ -77,6 +78,18 @@ TEST(Plan, ModelConfigsOnHopper) {
     EXPECT_EQ(got.teams, r.want.teams) << r.name;
     EXPECT_EQ(got.stages, r.want.stages) << r.name;
   }
+}
+
+// The early first-tile issue: where the blocks come in more than one per SM (nsa27b B=64: 256
+// blocks of one split on 132 SMs), not where each has an SM (B=1: 64 blocks of 16 splits), and
+// never with more than 32 ranges (the kernel finds the first tile in one chunk of the scan).
+TEST(Plan, EarlyIssueWhereBlocksOutnumberSms) {
+  expect_default_plan();
+  EXPECT_TRUE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 16), kHopper, 256));
+  EXPECT_TRUE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 32), kHopper, 133));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 16), kHopper, 132));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(1, 4, 16, 192, 128, 65536, 16), kHopper, 64));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 33), kHopper, 256));
 }
 
 // What every plan must satisfy, over a grid of shapes: the kernels exist for 1, 2 and 4 teams;

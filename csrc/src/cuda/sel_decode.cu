@@ -157,6 +157,18 @@ bool plan_kv_split(int stages) {
   return stages == 1;
 }
 
+// The early first-tile issue (the kernel's EARLY variant) where the blocks come in more than
+// one per SM: a block's first load then starts before its block barrier, while the SM's other
+// blocks compute. Measured on the H200 (NOTES.md v23b, cold graph us, two runs): nsa27b B=64
+// 44.1/44.0 -> 43.6/43.7, d128 B=64 38.2/38.0 -> 37.6/37.5. Where each SM holds one block it was
+// slower (nsa27b B=1 5.7 -> 5.8), so not there. It needs the range scan in one chunk (n <= 32).
+// NSA_SEL_DEBUG_EARLY_TMA=1 turns it off, 2 on wherever the kernel allows it.
+bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks) {
+  static const int forced = debug_knob("NSA_SEL_DEBUG_EARLY_TMA");
+  if (p.n > 32 || forced == 1) return false;
+  return forced == 2 || blocks > dev.sm_count;
+}
+
 // Tensor maps of K and V as 4D tensors [b][g][s_kv][d] (the kernel's tensor copies read boxes of
 // 64 tokens x 64 columns with the 128-byte swizzle). cuTensorMapEncodeTiled is a driver
 // function: its address is asked of the runtime once, so the library links no libcuda.

@@ -385,7 +385,7 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 
 // (clang-format reads the product in __launch_bounds__ as a pointer type.)
 // clang-format off
-template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false>
+template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false, bool EARLY = false>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     sel_decode_kernel(const NsaSelParams p, const __grid_constant__ CUtensorMap tmap_k,
                       const __grid_constant__ CUtensorMap tmap_v, const int tma_on,
@@ -397,6 +397,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // K and V as copy groups of their own (see the main loop): one-team blocks only, where every
   // thread meets the same barriers in every round.
   static_assert(!KV_SPLIT || TEAMS == 1, "the split K/V pipeline is for one-team blocks");
+  // The early issue of the first tile (see the range scan): a variant of its own, as the code it
+  // takes slowed the kernel where it ran without it (NOTES.md v23b).
+  static_assert(!EARLY || (TEAMS == 1 && MT == 1 && !KV_SPLIT),
+                "the early first-tile issue is for one-team, one-m-tile blocks of 2+ stages");
   constexpr bool kv_split = KV_SPLIT;
   constexpr int teams = TEAMS;
   constexpr int nthreads = Tr::kThreads * TEAMS;  // == blockDim.x
@@ -457,6 +461,25 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
   }
+  // The tensor copies of tile `it` (first token t0) into `stage`, by one thread of the team.
+  auto issue_tma = [&](int t0, int stage, bool do_k, bool do_v) {
+    unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
+    unsigned char* v_st = k_st + Tr::kKStageBytes;
+    const int gi = static_cast<int>(g), bi = static_cast<int>(b);
+    if (do_k) {
+      mbar_arrive_expect_tx(bars + 2 * stage, Tr::kKStageBytes);
+#pragma unroll
+      for (int j = 0; j < DK / 64; ++j)
+        tma_load_4d(k_st + j * Tr::kTile * 128, &tmap_k, j * 64, t0, gi, bi, bars + 2 * stage);
+    }
+    if (do_v) {
+      mbar_arrive_expect_tx(bars + 2 * stage + 1, Tr::kTile * DV * 2);
+#pragma unroll
+      for (int j = 0; j < DV / 64; ++j)
+        tma_load_4d(v_st + j * Tr::kTile * 128, &tmap_v, j * 64, t0, gi, bi,
+                    bars + 2 * stage + 1);
+    }
+  };
 #ifdef NSA_SEL_HAS_CLUSTERS
   // Split blocks write into their peers' shared memory at the end, which is allowed once every
   // block of the cluster has started and initialised the mbarrier that counts the bytes coming
@@ -508,8 +531,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   }
 
   // Clamped ranges -> (exclusive prefix of lengths, start - prefix), by warp 0 in chunks of 32.
+  bool pre_issued = false;  // thread 0: the first tile's tensor copies are issued already
   if (warp == 0) {
     int carry = 0;
+    int my_len = 0, my_excl = 0, my_key = 0;  // this lane's range of the last chunk
     for (int64_t base = 0; base < p.n; base += 32) {
       const int64_t i = base + lane;
       int len = 0, start = 0;
@@ -534,9 +559,37 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
         excl_s[i] = carry + incl - len;
         key_s[i] = start - (carry + incl - len);
       }
+      my_len = len;
+      my_excl = carry + incl - len;
+      my_key = start - my_excl;
       carry += __shfl_sync(0xffffffffu, incl, 31);
     }
     if (lane == 0) *total_s = carry;
+    // EARLY: the first tile, found in the lanes' ranges (all in one chunk: n <= 32), goes out by
+    // tensor copy now, before the block barrier, where it lies in one range: the same tile, stage
+    // and halves as its prologue fill_tok(0, true) below, which then only records it. The
+    // launcher takes this variant where the blocks come in more than one per SM (nsa27b B=64
+    // -0.5 us); where they do not it was slower (B=1 +0.1 us), and the code alone, not taken,
+    // cost +0.25 us at B=1 (NOTES.md v23b), so the other plans run a kernel without it.
+    if constexpr (EARLY) {
+      if (tma && p.n <= 32 && stages >= 2) {
+        const int n_tiles0 = (carry + Tr::kTile - 1) / Tr::kTile;
+        const int tb = static_cast<int>(static_cast<int64_t>(n_tiles0) * split / splits);
+        const int te = static_cast<int>(static_cast<int64_t>(n_tiles0) * (split + 1) / splits);
+        const int pos0 = tb * Tr::kTile;
+        const uint32_t hit =
+            __ballot_sync(0xffffffffu, my_len > 0 && my_excl <= pos0 && pos0 < my_excl + my_len);
+        if (te > tb && hit != 0) {  // warp-uniform
+          const int src = __ffs(hit) - 1;
+          const int range_end = __shfl_sync(0xffffffffu, my_excl + my_len, src);
+          const int t0 = __shfl_sync(0xffffffffu, my_key, src) + pos0;
+          if (lane == 0 && range_end >= pos0 + Tr::kTile) {
+            issue_tma(t0, 0, true, 1 < stages);
+            pre_issued = true;
+          }
+        }
+      }
+    }
     NSA_SEL_TRACE_MARK(9);
   }
 
@@ -568,25 +621,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // Stages whose K (bit 2s) or V (bit 2s + 1) is in flight by tensor copy, and the parity of
   // each mbarrier's next phase: the same in every thread of the team (tile_s decides).
   uint32_t tma_pending = 0, tma_parity = 0;
-  // The tensor copies of tile `it` (first token t0) into `stage`, by one thread of the team.
-  auto issue_tma = [&](int t0, int stage, bool do_k, bool do_v) {
-    unsigned char* k_st = kv_team + stage * Tr::kTileBytes;
-    unsigned char* v_st = k_st + Tr::kKStageBytes;
-    const int gi = static_cast<int>(g), bi = static_cast<int>(b);
-    if (do_k) {
-      mbar_arrive_expect_tx(bars + 2 * stage, Tr::kKStageBytes);
-#pragma unroll
-      for (int j = 0; j < DK / 64; ++j)
-        tma_load_4d(k_st + j * Tr::kTile * 128, &tmap_k, j * 64, t0, gi, bi, bars + 2 * stage);
-    }
-    if (do_v) {
-      mbar_arrive_expect_tx(bars + 2 * stage + 1, Tr::kTile * DV * 2);
-#pragma unroll
-      for (int j = 0; j < DV / 64; ++j)
-        tma_load_4d(v_st + j * Tr::kTile * 128, &tmap_v, j * 64, t0, gi, bi,
-                    bars + 2 * stage + 1);
-    }
-  };
   // Token index of each position of the team's tile `it`, -1 past the end; and in tile_s the
   // tile's first token where all 64 lie in one range (the tile is 64 consecutive rows of the
   // cache: a tensor copy), else -1.
@@ -611,7 +645,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
           const int next = lo < n_ranges ? excl_s[lo] : total;  // where range lo - 1 ends
           const bool whole = tma && next >= pos + Tr::kTile;
           tile_s[it % Tr::kTokBufs] = whole ? tok : -1;
-          if (whole && early) issue_tma(tok, it, true, it + 1 < stages);
+          if (whole && early && !(it == 0 && pre_issued))
+            issue_tma(tok, it, true, it + 1 < stages);
         }
       } else if (ttid == 0) {
         tile_s[it % Tr::kTokBufs] = -1;

@@ -138,7 +138,9 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   auto kernel4 = sel_decode_kernel<T, DK, DV, MT, kTeams4>;
   // The split K/V kernel (one team, one m-tile; for several m-tiles the name stands for kernel1).
   auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, MT == 1>;
-  static KernelCache cache1, cache2, cache4, cache1s;
+  // The one-team kernel with the early first-tile issue (one m-tile; else kernel1's name).
+  auto kernel1e = sel_decode_kernel<T, DK, DV, MT, 1, false, MT == 1>;
+  static KernelCache cache1, cache2, cache4, cache1s, cache1e;
   bool kv_split = false;  // one team, one m-tile: the split K/V kernel (kernel1s below)
 
   const int splits1 = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);  // with one team
@@ -276,13 +278,27 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   const int pdl_lead = plan_pdl_lead();
   CUtensorMap tmap_k{}, tmap_v{};
   const int tma_on = make_kv_maps(p, dev, &tmap_k, &tmap_v) ? 1 : 0;
+  const bool early = MT == 1 && teams == 1 && !kv_split && stages >= 2 && tma_on != 0 &&
+                     plan_early_issue(p, dev, blocks);
+  if (early) {
+    st = allow_smem(kernel1e, cache1e, device, smem);
+    if (st != NSA_SEL_OK) return st;
+  }
   report_plan(p, splits, teams, stages, kv_split, smem, tma_on != 0);
   auto launch_with = [&](auto kernel) {
     return cudaLaunchKernelEx(&cfg, kernel, p, tmap_k, tmap_v, tma_on, scale_log2, splits, stages,
                               pdl_lead, trace);
   };
-  auto kernel = teams == 4 ? kernel4 : teams == 2 ? kernel2 : kv_split ? kernel1s : kernel1;
-  KernelCache& kc = teams == 4 ? cache4 : teams == 2 ? cache2 : kv_split ? cache1s : cache1;
+  auto kernel = teams == 4 ? kernel4
+                : teams == 2 ? kernel2
+                : kv_split   ? kernel1s
+                : early      ? kernel1e
+                             : kernel1;
+  KernelCache& kc = teams == 4 ? cache4
+                    : teams == 2 ? cache2
+                    : kv_split   ? cache1s
+                    : early      ? cache1e
+                                 : cache1;
   // (The plans above asked clusters_fit of the kernel they launch where the cluster is past the
   // portable size; a forced plan may not have. The opt-in is idempotent and cached.)
   if (splits > kPortableCluster && !allow_big_clusters(kernel, kc, device))
