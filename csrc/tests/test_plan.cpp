@@ -80,16 +80,21 @@ TEST(Plan, ModelConfigsOnHopper) {
   }
 }
 
-// The early first-tile issue: where the blocks come in more than one per SM (nsa27b B=64: 256
-// blocks of one split on 132 SMs), not where each has an SM (B=1: 64 blocks of 16 splits), and
-// never with more than 32 ranges (the kernel finds the first tile in one chunk of the scan).
-TEST(Plan, EarlyIssueWhereBlocksOutnumberSms) {
+// The early first-tile issue: where the blocks come in one wave of more than one per SM with 2
+// stages (nsa27b B=64: 256 blocks of one split on 132 SMs), not where each has an SM (B=1: 64
+// blocks of 16 splits), not over several waves or at more stages (where it measured no gain or
+// a loss), and never with more than 32 ranges (the kernel finds the first tile in one chunk).
+TEST(Plan, EarlyIssueInOneWaveOfTwoStageBlocks) {
   expect_default_plan();
-  EXPECT_TRUE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 16), kHopper, 256));
-  EXPECT_TRUE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 32), kHopper, 133));
-  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 16), kHopper, 132));
-  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(1, 4, 16, 192, 128, 65536, 16), kHopper, 64));
-  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 33), kHopper, 256));
+  const NsaSelParams b64 = shape(64, 4, 16, 192, 128, 65536, 16);
+  EXPECT_TRUE(nsa_sel::plan_early_issue(b64, kHopper, 256, 2));
+  EXPECT_TRUE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 32), kHopper, 133, 2));
+  EXPECT_TRUE(nsa_sel::plan_early_issue(b64, kHopper, 264, 2));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(b64, kHopper, 132, 2));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(b64, kHopper, 265, 2));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(b64, kHopper, 256, 6));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(1, 4, 16, 192, 128, 65536, 16), kHopper, 64, 2));
+  EXPECT_FALSE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 33), kHopper, 256, 2));
 }
 
 // What every plan must satisfy, over a grid of shapes: the kernels exist for 1, 2 and 4 teams;

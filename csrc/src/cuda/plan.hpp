@@ -56,8 +56,9 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
 bool plan_kv_split(int stages);
 
 // Whether a one-team block of one m-tile and 2+ stages issues its first tile's tensor copies
-// before the block barrier (the kernel's EARLY variant), for a launch of `blocks` blocks.
-bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks);
+// before the block barrier (the kernel's EARLY variant), for a launch of `blocks` blocks of
+// `stages` stages.
+bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks, int stages);
 
 // Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
 int plan_pdl_lead();

@@ -157,16 +157,20 @@ bool plan_kv_split(int stages) {
   return stages == 1;
 }
 
-// The early first-tile issue (the kernel's EARLY variant) where the blocks come in more than
-// one per SM: a block's first load then starts before its block barrier, while the SM's other
-// blocks compute. Measured on the H200 (NOTES.md v23b, cold graph us, two runs): nsa27b B=64
-// 44.1/44.0 -> 43.6/43.7, d128 B=64 38.2/38.0 -> 37.6/37.5. Where each SM holds one block it was
-// slower (nsa27b B=1 5.7 -> 5.8), so not there. It needs the range scan in one chunk (n <= 32).
-// NSA_SEL_DEBUG_EARLY_TMA=1 turns it off, 2 on wherever the kernel allows it.
-bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks) {
+// The early first-tile issue (the kernel's EARLY variant) where the blocks come in one wave of
+// more than one per SM, with 2 stages: every block then starts together after the previous
+// kernel, so that start-up is exposed, and the first load going out before the block barrier
+// shortens it. Measured on the H200 (cold graph us, two runs, off / on): nsa27b B=64 44.1, 44.0
+// / 43.6, 43.7 (NOTES.md v23b) and 43.2, 43.4 / 42.9, 42.9 (v23c); d128 B=64 38.2, 38.0 / 37.6,
+// 37.5. Slower where each SM holds one block (nsa27b B=1 5.7 / 5.8), at 6 stages (m125 B=128,
+// one wave: 24.1, 24.2 / 24.9, 25.1), and no gain over several waves (seed D=128 L=128 B=1024,
+// 1024 blocks of 2 stages: 24.6, 24.7 / 24.8, 24.7; v23c). It needs the range scan in one chunk
+// (n <= 32). NSA_SEL_DEBUG_EARLY_TMA=1 turns it off, 2 on wherever the kernel allows it.
+bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks, int stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_EARLY_TMA");
   if (p.n > 32 || forced == 1) return false;
-  return forced == 2 || blocks > dev.sm_count;
+  return forced == 2 ||
+         (stages == 2 && blocks > dev.sm_count && blocks <= 2 * static_cast<int64_t>(dev.sm_count));
 }
 
 // Tensor maps of K and V as 4D tensors [b][g][s_kv][d] (the kernel's tensor copies read boxes of

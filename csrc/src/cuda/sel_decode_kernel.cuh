@@ -568,9 +568,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     // EARLY: the first tile, found in the lanes' ranges (all in one chunk: n <= 32), goes out by
     // tensor copy now, before the block barrier, where it lies in one range: the same tile, stage
     // and halves as its prologue fill_tok(0, true) below, which then only records it. The
-    // launcher takes this variant where the blocks come in more than one per SM (nsa27b B=64
-    // -0.5 us); where they do not it was slower (B=1 +0.1 us), and the code alone, not taken,
-    // cost +0.25 us at B=1 (NOTES.md v23b), so the other plans run a kernel without it.
+    // launcher takes this variant where the blocks come in one wave of more than one per SM
+    // with 2 stages (nsa27b B=64 -0.4 us; plan_early_issue); elsewhere it was slower or no
+    // faster, and the code alone, not taken, cost +0.25 us at B=1 (NOTES.md v23b), so the other
+    // plans run a kernel without it.
     if constexpr (EARLY) {
       if (tma && p.n <= 32 && stages >= 2) {
         const int n_tiles0 = (carry + Tr::kTile - 1) / Tr::kTile;
