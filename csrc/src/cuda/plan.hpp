@@ -65,6 +65,6 @@ int plan_pdl_lead();
 
 // Under NSA_SEL_DEBUG_PLAN=1, prints a launch's final plan once per distinct plan (stderr).
 void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split, int smem,
-                 bool tma);
+                 bool tma, bool early);
 
 }  // namespace nsa_sel

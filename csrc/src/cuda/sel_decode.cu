@@ -119,17 +119,17 @@ int debug_knob(const char* name) {
 // NSA_SEL_DEBUG_PLAN=1: each distinct plan a launch ends with, once per process, on stderr, for
 // tuning runs (what a forced knob and the launcher's occupancy checks left).
 void report_plan(const NsaSelParams& p, int splits, int teams, int stages, bool kv_split,
-                 int smem, bool tma) {
+                 int smem, bool tma, bool early) {
   static const bool on = debug_knob("NSA_SEL_DEBUG_PLAN") == 1;
   if (!on) return;
   char line[256];
   std::snprintf(line, sizeof line,
                 "nsa_sel plan: b=%lld g=%lld h=%lld d=%lld/%lld n=%lld -> splits=%d teams=%d "
-                "stages=%d kv_split=%d smem=%d tma=%d\n",
+                "stages=%d kv_split=%d smem=%d tma=%d early=%d\n",
                 static_cast<long long>(p.b), static_cast<long long>(p.g),
                 static_cast<long long>(p.h), static_cast<long long>(p.d_k),
                 static_cast<long long>(p.d_v), static_cast<long long>(p.n), splits, teams, stages,
-                kv_split ? 1 : 0, smem, tma ? 1 : 0);
+                kv_split ? 1 : 0, smem, tma ? 1 : 0, early ? 1 : 0);
   static std::mutex mu;
   static std::set<std::string> seen;
   std::lock_guard<std::mutex> lock(mu);

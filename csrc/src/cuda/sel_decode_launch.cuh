@@ -284,7 +284,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     st = allow_smem(kernel1e, cache1e, device, smem);
     if (st != NSA_SEL_OK) return st;
   }
-  report_plan(p, splits, teams, stages, kv_split, smem, tma_on != 0);
+  report_plan(p, splits, teams, stages, kv_split, smem, tma_on != 0, early);
   auto launch_with = [&](auto kernel) {
     return cudaLaunchKernelEx(&cfg, kernel, p, tmap_k, tmap_v, tma_on, scale_log2, splits, stages,
                               pdl_lead, trace);
