@@ -10,7 +10,7 @@
 # the others), splits16 (the GPU suite with NSA_SEL_DEBUG_SPLITS=16: 16-block clusters wherever
 # they are all resident at once and h <= 16, 8 elsewhere), early (the GPU suite with
 # NSA_SEL_DEBUG_EARLY_TMA=2: the early first-tile issue on every one-team plan of 2+ stages that
-# allows it, where by default only blocks > SMs take it),
+# allows it, where by default only one wave of 2-stage blocks takes it),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
 # *Sanitizer* (racecheck again with one stage forced, with four teams, and with the early issue),
 # bench.
