@@ -10,7 +10,9 @@
 # the others), splits16 (the GPU suite with NSA_SEL_DEBUG_SPLITS=16: 16-block clusters wherever
 # they are all resident at once and h <= 16, 8 elsewhere), early (the GPU suite with
 # NSA_SEL_DEBUG_EARLY_TMA=2: the early first-tile issue on every one-team plan of 2+ stages that
-# allows it, where by default only one wave of 2-stage blocks takes it),
+# allows it, where by default only one wave of 2-stage blocks takes it), early_restart (the same
+# with NSA_SEL_DEBUG_EARLY_TMA=3: the early kernel takes the check of the ranges it read ahead as
+# failed and always starts over),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
 # *Sanitizer* (racecheck again with one stage forced, with four teams, and with the early issue),
 # bench.
@@ -65,7 +67,7 @@ seconds=()
 step() {
   local name="$1" cap="$2"
   shift 2
-  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 splits16 early pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 racecheck_early bench} " == *" $name "* ]] || return 0
+  [[ " ${STEPS:-configure build fast_path ctest stages1 teams4 splits16 early early_restart pytest memcheck racecheck initcheck racecheck_stages1 racecheck_teams4 racecheck_early bench} " == *" $name "* ]] || return 0
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
   local t0 rc status
@@ -164,6 +166,7 @@ step stages1 120 "${shards[@]}" NSA_SEL_DEBUG_STAGES=1
 step teams4 120 "${shards[@]}" NSA_SEL_DEBUG_TEAMS=4
 step splits16 120 "${shards[@]}" NSA_SEL_DEBUG_SPLITS=16
 step early 120 "${shards[@]}" NSA_SEL_DEBUG_EARLY_TMA=2
+step early_restart 120 "${shards[@]}" NSA_SEL_DEBUG_EARLY_TMA=3
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck

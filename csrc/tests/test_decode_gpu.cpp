@@ -447,6 +447,63 @@ TEST(Decode, GraphCaptureReplaysWithNewRanges) {
   cudaStreamDestroy(stream);
 }
 
+// Ranges that the previous kernel in the stream writes: the call must see what it wrote, also
+// where its blocks start before that kernel ends (programmatic dependent launch) and read the
+// ranges ahead (the EARLY kernel, taken where the plan allows it, everywhere under
+// NSA_SEL_DEBUG_EARLY_TMA=2 or 3, as gpu_check's `early` steps run this suite). The first call
+// (one long row, V = 0) writes exact zeros into its output, which the second call reads as its
+// ranges: all empty, so its output must be exact zeros. Before the first call, that buffer holds
+// valid ranges, which a read ahead of the first call's end would see; used unchecked, they would
+// give a non-zero output.
+TEST(Decode, RangesWrittenByThePreviousKernel) {
+  REQUIRE_GPU();
+  Case c1;
+  c1.b = 1;
+  c1.g = 1;
+  c1.h = 32;  // an output of 4 KB: the ranges of 64 x 4 rows of 2
+  c1.s_kv = 65536;
+  c1.n = 1;
+  Problem producer(c1, 41);
+  producer.ranges[0] = 0;
+  producer.ranges[1] = c1.s_kv;  // 1024 tiles: long enough for the next call to start early
+  std::fill(producer.v.begin(), producer.v.end(), uint16_t{0});
+  producer.upload();
+  for (const auto& [b, g, d_k, d_v] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 4, 192, 128},
+                                       {64, 4, 192, 128}, {64, 2, 64, 64}}) {
+    Case c2;
+    c2.b = b;
+    c2.g = g;
+    c2.d_k = d_k;
+    c2.d_v = d_v;
+    c2.n = 2;
+    c2.s_kv = 512;
+    Problem pr(c2, 43);
+    for (size_t i = 0; i < pr.ranges.size(); i += 2) {  // the stale ranges: 64-token blocks
+      pr.ranges[i] = static_cast<int64_t>((i * 32) % 448) & ~int64_t{63};
+      pr.ranges[i + 1] = pr.ranges[i] + 64;
+    }
+    pr.upload();
+    const size_t r_bytes = pr.ranges.size() * 4;
+    ASSERT_LE(r_bytes, producer.out.size() * 2);
+    NsaSelParams p1 = producer.params(true);
+    NsaSelParams p2 = pr.params(true);
+    p2.ranges = producer.dout;
+    SCOPED_TRACE(::testing::Message() << "b=" << b << " g=" << g << " dk=" << d_k);
+    for (int rep = 0; rep < 3; ++rep) {
+      CUDA_OK(cudaMemcpy(producer.dout, pr.ranges_host(), r_bytes, cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemset(pr.dout, 0xff, pr.out.size() * 2));
+      ASSERT_EQ(nsa_sel_decode_cuda(&p1, 0, nullptr), NSA_SEL_OK) << nsa_sel_last_error();
+      ASSERT_EQ(nsa_sel_decode_cuda(&p2, 0, nullptr), NSA_SEL_OK) << nsa_sel_last_error();
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<uint16_t> got(pr.out.size());
+      CUDA_OK(cudaMemcpy(got.data(), pr.dout, got.size() * 2, cudaMemcpyDeviceToHost));
+      int64_t nonzero = 0;
+      for (const uint16_t x : got) nonzero += x != 0;
+      ASSERT_EQ(nonzero, 0) << "outputs not exactly zero (of " << got.size() << "), rep " << rep;
+    }
+  }
+}
+
 // The call's device is current only during the call: the caller's current device (a C++
 // engine's, or PyTorch's, which reads it back with cudaGetDevice) is the same afterwards. An
 // invalid device is reported, and its error is not left pending for the next call's launch

@@ -59,6 +59,9 @@ bool plan_kv_split(int stages);
 // before the block barrier (the kernel's EARLY variant), for a launch of `blocks` blocks of
 // `stages` stages.
 bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks, int stages);
+// NSA_SEL_DEBUG_EARLY_TMA=3 (tests): as 2, and the EARLY kernel takes the check of the ranges it
+// read ahead as failed, so that it always runs its start-over path.
+bool early_recheck_forced();
 
 // Main-loop rounds before the end at which a block lets the next kernel launch (see the kernel).
 int plan_pdl_lead();

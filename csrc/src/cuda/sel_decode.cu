@@ -158,19 +158,27 @@ bool plan_kv_split(int stages) {
   return stages == 1;
 }
 
-// The early first-tile issue (the kernel's EARLY variant) where the blocks come in one wave of
-// more than one per SM, with 2 stages: every block then starts together after the previous
-// kernel, so that start-up is exposed, and the first load going out before the block barrier
-// shortens it. Measured on the H200 (cold graph us, two runs, off / on): nsa27b B=64 44.1, 44.0
-// / 43.6, 43.7 (NOTES.md v23b) and 43.2, 43.4 / 42.9, 42.9 (v23c); d128 B=64 38.2, 38.0 / 37.6,
-// 37.5. Slower where each SM holds one block (nsa27b B=1 5.7 / 5.8), at 6 stages (m125 B=128,
-// one wave: 24.1, 24.2 / 24.9, 25.1), and no gain over several waves (seed D=128 L=128 B=1024,
-// 1024 blocks of 2 stages: 24.6, 24.7 / 24.8, 24.7; v23c). It needs the range scan in one chunk
-// (n <= 32). NSA_SEL_DEBUG_EARLY_TMA=1 turns it off, 2 on wherever the kernel allows it.
+// The early first-tile issue (the kernel's EARLY variant: the ranges read and scanned before the
+// wait for the previous kernel, checked after it while the prologue's tiles stream in) where the
+// blocks come in one wave of more than one per SM, with 2 stages: every block then starts
+// together after the previous kernel, so that start-up is exposed. Measured on the H200 (cold
+// graph us, two runs, off / on): v24, nsa27b B=64 44.2, 44.1 / 43.5, 43.5 (NOTES.md); the v23
+// kernel, which issued the first tile before the block barrier instead, 43.2, 43.4 / 42.9, 42.9
+// and d128 B=64 38.2, 38.0 / 37.6, 37.5. The v23 kernel was slower at 6 stages (m125 B=128, one
+// wave: 24.1, 24.2 / 24.9, 25.1) and no faster over several waves (seed D=128 L=128 B=1024:
+// 24.6, 24.7 / 24.8, 24.7); v24 gains 0-0.1 us at B=1 (nsa27b 5.48, 5.55 / 5.48, 5.56; m125
+// 4.18, 4.06 / 4.05, 3.99), not enough to widen the rule on one measurement. n <= 32: the rule
+// was measured there. NSA_SEL_DEBUG_EARLY_TMA=1 turns it off, 2 on wherever the kernel allows it,
+// 3 as 2 with the check always failing (the start-over path, for tests).
+bool early_recheck_forced() {
+  static const bool forced = debug_knob("NSA_SEL_DEBUG_EARLY_TMA") == 3;
+  return forced;
+}
+
 bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks, int stages) {
   static const int forced = debug_knob("NSA_SEL_DEBUG_EARLY_TMA");
   if (p.n > 32 || forced == 1) return false;
-  return forced == 2 ||
+  return forced >= 2 ||
          (stages == 2 && blocks > dev.sm_count && blocks <= 2 * static_cast<int64_t>(dev.sm_count));
 }
 

@@ -397,8 +397,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // K and V as copy groups of their own (see the main loop): one-team blocks only, where every
   // thread meets the same barriers in every round.
   static_assert(!KV_SPLIT || TEAMS == 1, "the split K/V pipeline is for one-team blocks");
-  // The early issue of the first tile (see the range scan): a variant of its own, as the code it
-  // takes slowed the kernel where it ran without it (NOTES.md v23b).
+  // EARLY: the ranges are read ahead of the wait for the previous kernel, so that the first
+  // tiles go out right after it (see the prologue); a variant of its own, as code of the kind
+  // slowed the kernel where it ran without it (NOTES.md v23b).
   static_assert(!EARLY || (TEAMS == 1 && MT == 1 && !KV_SPLIT),
                 "the early first-tile issue is for one-team, one-m-tile blocks of 2+ stages");
   constexpr bool kv_split = KV_SPLIT;
@@ -443,10 +444,11 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
 
   // K/V tiles that are 64 consecutive tokens of the cache (a whole tile inside one range) come in
   // by tensor copies (thread 0 of the team issues one per 64-column block, counted on the stage's
-  // mbarrier), the others by the threads' cp.async. tma_on: the launch made the tensor maps, and
+  // mbarrier), the others by the threads' cp.async. tma_on bit 0: the launch made the tensor
+  // maps (bit 1: EARLY takes its ranges' check as failed, NSA_SEL_DEBUG_EARLY_TMA=3), and
   // the stages are where the maps' swizzle expects them (1024-byte aligned).
 #ifdef NSA_SEL_HAS_CLUSTERS
-  const bool tma = tma_on != 0 && (smem_addr(smem) & 1023) == 0;
+  const bool tma = (tma_on & 1) != 0 && (smem_addr(smem) & 1023) == 0;
 #else
   constexpr bool tma = false;
   (void)tma_on;
@@ -514,34 +516,35 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     for (int c = tid; c < q_lines; c += nthreads)
       prefetch_l2(q_row + (c / kLines) * p.q_stride_h + (c % kLines) * 64);
   }
-  // Programmatic dependent launch: wait until the previous kernel has completed (and its writes
-  // are visible) before reading any input. The next kernel is let in later, `pdl_lead` rounds
-  // before the end of the main loop (griddepcontrol.launch_dependents there). Both are no-ops
-  // when the launch did not opt in.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-  NSA_SEL_TRACE_MARK(1);
 
-  // Causal limit for the single query (t = kv_len - 1): lim = kv_len, clamped into [0, s_kv] so a
-  // bad kv_lens value can never send a load out of the tensor.
-  int64_t lim = p.s_kv;
-  if (p.kv_lens != nullptr) {
-    lim = load_idx(p.kv_lens, p.kv_lens_type, b * p.kv_lens_stride_b);
-    lim = lim < 0 ? 0 : (lim > p.s_kv ? p.s_kv : lim);
-  }
-
-  // Clamped ranges -> (exclusive prefix of lengths, start - prefix), by warp 0 in chunks of 32.
-  bool pre_issued = false;  // thread 0: the first tile's tensor copies are issued already
-  if (warp == 0) {
+  // The row's ranges, clamped ([0, kv_len) for the single query at t = kv_len - 1; kv_len
+  // clamped into [0, s_kv] so that a bad kv_lens value can never send a load out of the tensor),
+  // become (exclusive prefix of lengths, start - prefix) per range and their total, by warp 0 in
+  // chunks of 32. `check`: compare with what excl_s, key_s and total_s hold instead of writing
+  // them; returns (warp-uniform) whether anything differs. `cg`: L2-only loads (never through L1,
+  // so that a line read before the wait for the previous kernel cannot be served stale later).
+  auto scan_ranges = [&](bool check, bool cg) {
+    auto ld = [&](const void* base, int32_t type, int64_t off) -> int64_t {
+      if (!cg) return load_idx(base, type, off);
+      return type == NSA_SEL_I64
+                 ? static_cast<int64_t>(__ldcg(static_cast<const long long*>(base) + off))
+                 : static_cast<int64_t>(__ldcg(static_cast<const int*>(base) + off));
+    };
+    int64_t lim = p.s_kv;
+    if (p.kv_lens != nullptr) {
+      lim = ld(p.kv_lens, p.kv_lens_type, b * p.kv_lens_stride_b);
+      lim = lim < 0 ? 0 : (lim > p.s_kv ? p.s_kv : lim);
+    }
     int carry = 0;
-    int my_len = 0, my_excl = 0, my_key = 0;  // this lane's range of the last chunk
+    bool differs = false;
     for (int64_t base = 0; base < p.n; base += 32) {
       const int64_t i = base + lane;
       int len = 0, start = 0;
       if (i < p.n) {
         const int64_t off = r_row + i * p.r_stride_n;
-        int64_t s0 = load_idx(r_base, p.index_type, off);
-        int64_t e0 = load_idx(r_base, p.index_type, off + p.r_stride_e);
+        int64_t s0 = ld(r_base, p.index_type, off);
+        int64_t e0 = ld(r_base, p.index_type, off + p.r_stride_e);
         s0 = s0 < 0 ? 0 : s0;
         e0 = e0 > lim ? lim : e0;
         if (e0 > s0) {
@@ -556,67 +559,49 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
         if (lane >= off) incl += y;
       }
       if (i < p.n) {
-        excl_s[i] = carry + incl - len;
-        key_s[i] = start - (carry + incl - len);
-      }
-      my_len = len;
-      my_excl = carry + incl - len;
-      my_key = start - my_excl;
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) *total_s = carry;
-    // EARLY: the first tile, found in the lanes' ranges (all in one chunk: n <= 32), goes out by
-    // tensor copy now, before the block barrier, where it lies in one range: the same tile, stage
-    // and halves as its prologue fill_tok(0, true) below, which then only records it. The
-    // launcher takes this variant where the blocks come in one wave of more than one per SM
-    // with 2 stages (nsa27b B=64 -0.4 us; plan_early_issue); elsewhere it was slower or no
-    // faster, and the code alone, not taken, cost +0.25 us at B=1 (NOTES.md v23b), so the other
-    // plans run a kernel without it.
-    if constexpr (EARLY) {
-      if (tma && p.n <= 32 && stages >= 2) {
-        const int n_tiles0 = (carry + Tr::kTile - 1) / Tr::kTile;
-        const int tb = static_cast<int>(static_cast<int64_t>(n_tiles0) * split / splits);
-        const int te = static_cast<int>(static_cast<int64_t>(n_tiles0) * (split + 1) / splits);
-        const int pos0 = tb * Tr::kTile;
-        const uint32_t hit =
-            __ballot_sync(0xffffffffu, my_len > 0 && my_excl <= pos0 && pos0 < my_excl + my_len);
-        if (te > tb && hit != 0) {  // warp-uniform
-          const int src = __ffs(hit) - 1;
-          const int range_end = __shfl_sync(0xffffffffu, my_excl + my_len, src);
-          const int t0 = __shfl_sync(0xffffffffu, my_key, src) + pos0;
-          if (lane == 0 && range_end >= pos0 + Tr::kTile) {
-            issue_tma(t0, 0, true, 1 < stages);
-            pre_issued = true;
-          }
+        const int excl = carry + incl - len;
+        if (check) {
+          differs = differs || excl_s[i] != excl || key_s[i] != start - excl;
+        } else {
+          excl_s[i] = excl;
+          key_s[i] = start - excl;
         }
       }
+      carry += __shfl_sync(0xffffffffu, incl, 31);
     }
-    NSA_SEL_TRACE_MARK(9);
-  }
-
+    if (lane == 0) {
+      if (check)
+        differs = differs || *total_s != carry;
+      else
+        *total_s = carry;
+    }
+    return __any_sync(0xffffffffu, differs) != 0;
+  };
   // Q of all (padded) heads, one copy per team; heads >= h are zero-filled and never stored.
-  for (int c = ttid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
-    const int hh = c / (DK / 8), ch = c % (DK / 8);
-    const bool valid = hh < p.h;
-    const T* src = valid ? q_row + hh * p.q_stride_h + ch * 8 : q_row;
-    cp_async16(q_s + swz(hh, ch, Tr::kChunksK), src, valid);
-  }
-  cp_async_commit();
+  auto copy_q = [&] {
+    for (int c = ttid; c < Tr::kHeads * (DK / 8); c += Tr::kThreads) {
+      const int hh = c / (DK / 8), ch = c % (DK / 8);
+      const bool valid = hh < p.h;
+      const T* src = valid ? q_row + hh * p.q_stride_h + ch * 8 : q_row;
+      cp_async16(q_s + swz(hh, ch, Tr::kChunksK), src, valid);
+    }
+  };
 
-  __syncthreads();
-  NSA_SEL_TRACE_MARK(2);
-
-  const int total = *total_s;
-  const int n_tiles = (total + Tr::kTile - 1) / Tr::kTile;
-  const int tile_begin = static_cast<int>(static_cast<int64_t>(n_tiles) * split / splits);
-  const int tile_end = static_cast<int>(static_cast<int64_t>(n_tiles) * (split + 1) / splits);
-  const int my_tiles = tile_end - tile_begin;
-  // This team's tiles: tile_begin + team + it * teams for it < team_tiles. Every team runs
-  // `rounds` loop iterations (a team short of a tile only meets its barriers in the last one), so
-  // all threads pass the same sequence of barriers.
-  const int team_tiles =
-      TEAMS == 1 ? my_tiles : (my_tiles > team ? (my_tiles - team + teams - 1) / teams : 0);
-  const int rounds = TEAMS == 1 ? my_tiles : (my_tiles + teams - 1) / teams;
+  // This block's tiles of the row's virtual sequence (set by derive() once the ranges are
+  // scanned). This team's tiles: tile_begin + team + it * teams for it < team_tiles. Every team
+  // runs `rounds` loop iterations (a team short of a tile only meets its barriers in the last
+  // one), so all threads pass the same sequence of barriers.
+  int total = 0, tile_begin = 0, team_tiles = 0, rounds = 0;
+  auto derive = [&] {
+    total = *total_s;
+    const int n_tiles = (total + Tr::kTile - 1) / Tr::kTile;
+    tile_begin = static_cast<int>(static_cast<int64_t>(n_tiles) * split / splits);
+    const int tile_end = static_cast<int>(static_cast<int64_t>(n_tiles) * (split + 1) / splits);
+    const int my_tiles = tile_end - tile_begin;
+    team_tiles =
+        TEAMS == 1 ? my_tiles : (my_tiles > team ? (my_tiles - team + teams - 1) / teams : 0);
+    rounds = TEAMS == 1 ? my_tiles : (my_tiles + teams - 1) / teams;
+  };
   const int n_ranges = static_cast<int>(p.n);
 
   // Stages whose K (bit 2s) or V (bit 2s + 1) is in flight by tensor copy, and the parity of
@@ -646,7 +631,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
           const int next = lo < n_ranges ? excl_s[lo] : total;  // where range lo - 1 ends
           const bool whole = tma && next >= pos + Tr::kTile;
           tile_s[it % Tr::kTokBufs] = whole ? tok : -1;
-          if (whole && early && !(it == 0 && pre_issued))
+          if (whole && early)
             issue_tma(tok, it, true, it + 1 < stages);
         }
       } else if (ttid == 0) {
@@ -706,6 +691,90 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     }
   };
 
+  // Programmatic dependent launch: wait until the previous kernel has completed (and its writes
+  // are visible) before reading any input. The next kernel is let in later, `pdl_lead` rounds
+  // before the end of the main loop (griddepcontrol.launch_dependents there). Both are no-ops
+  // when the launch did not opt in.
+  auto wait_prior_grid = [] {
+#ifdef NSA_SEL_HAS_CLUSTERS
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  };
+  const int pro_tiles = kv_split ? stages : stages - 1;
+  // EARLY: the ranges are read before the wait, speculatively (the previous kernel may still be
+  // writing them), and turned into the prologue's token lists; right after the wait the
+  // prologue's tiles go out at once (with Q in the first copy group), and warp 0 reads the
+  // ranges again to check them while the tiles stream in. Where they differ, the block lets its
+  // loads land and starts over from the ranges it read after the wait. No input but the
+  // ranges and kv_lens is read before the wait, and nothing read then is used unchecked.
+  bool plain = true;
+  if constexpr (EARLY) {
+    if (warp == 0) scan_ranges(false, true);
+    __syncthreads();
+    derive();
+    for (int it = 0; it < pro_tiles; ++it)
+      if (it < team_tiles) fill_tok(it);
+    team_sync<TEAMS, Tr::kThreads>(team);
+    wait_prior_grid();
+    NSA_SEL_TRACE_MARK(1);
+    for (int it = 0; it < pro_tiles; ++it) {
+      if (it < team_tiles) issue_loads(it, it);
+      if (it == 0) copy_q();
+      cp_async_commit();
+    }
+    if (warp == 0) {
+      const bool differs = scan_ranges(true, true);
+      if (lane == 0) total_s[1] = differs || (tma_on & 2) != 0 ? 1 : 0;  // bit 1: tests
+      NSA_SEL_TRACE_MARK(9);
+    }
+    __syncthreads();
+    plain = total_s[1] != 0;  // block-uniform
+    if (plain) {  // let every load land before the stages and token buffers are reused
+      cp_async_wait<0>();
+      for (int s = 0; s < stages; ++s) {
+        wait_tma(s, 0);
+        wait_tma(s, 1);
+      }
+      __syncthreads();
+    }
+    NSA_SEL_TRACE_MARK(2);
+  } else {
+    wait_prior_grid();
+    NSA_SEL_TRACE_MARK(1);
+  }
+  if (plain) {
+    if (warp == 0) {
+      scan_ranges(false, false);
+      NSA_SEL_TRACE_MARK(9);
+    }
+    copy_q();
+    cp_async_commit();
+    __syncthreads();
+    NSA_SEL_TRACE_MARK(2);
+    derive();
+    // Prologue: the team's tiles 0 .. stages-2 in flight, tile i in stage i. With kv_split, K and
+    // V are copy groups of their own (K0 V0 K1 V1 ... K(s-1)): the K of tile stages-1 too, so a
+    // stage's K half is refilled as soon as QK^T has read it and its V half once PV has.
+    for (int it = 0; it < pro_tiles; ++it)
+      if (it < team_tiles) fill_tok(it, true);
+    team_sync<TEAMS, Tr::kThreads>(team);
+    if constexpr (kv_split) {
+      for (int it = 0; it < stages; ++it) {
+        if (it < team_tiles) issue_loads(it, it, true, false, true);
+        cp_async_commit();
+        if (it + 1 < stages) {
+          if (it < team_tiles) issue_loads(it, it, false, true, true);
+          cp_async_commit();
+        }
+      }
+    } else {
+      for (int it = 0; it < stages - 1; ++it) {
+        if (it < team_tiles) issue_loads(it, it, true, true, true);
+        cp_async_commit();
+      }
+    }
+  }
+
   // Per-thread online-softmax state for rows (lane / 4) and (lane / 4 + 8) of this warp's m-tile.
   constexpr int kNB = Tr::kTokPerWarp / 8;  // n8 score blocks per warp and tile
   float o[DV / 8][4];
@@ -714,28 +783,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};
 
-  // Prologue: the team's tiles 0 .. stages-2 in flight, tile i in stage i. With kv_split, K and
-  // V are copy groups of their own (K0 V0 K1 V1 ... K(s-1)): the K of tile stages-1 too, so a
-  // stage's K half is refilled as soon as QK^T has read it and its V half once PV has.
-  const int pro_tiles = kv_split ? stages : stages - 1;
-  for (int it = 0; it < pro_tiles; ++it)
-    if (it < team_tiles) fill_tok(it, true);
-  team_sync<TEAMS, Tr::kThreads>(team);
-  if constexpr (kv_split) {
-    for (int it = 0; it < stages; ++it) {
-      if (it < team_tiles) issue_loads(it, it, true, false, true);
-      cp_async_commit();
-      if (it + 1 < stages) {
-        if (it < team_tiles) issue_loads(it, it, false, true, true);
-        cp_async_commit();
-      }
-    }
-  } else {
-    for (int it = 0; it < stages - 1; ++it) {
-      if (it < team_tiles) issue_loads(it, it, true, true, true);
-      cp_async_commit();
-    }
-  }
   int st_use = 0;            // stage of tile it
   int st_fill = stages - 1;  // stage of tile it + stages - 1
 

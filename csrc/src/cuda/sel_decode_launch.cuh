@@ -277,9 +277,10 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   unsigned long long* trace = trace_records();
   const int pdl_lead = plan_pdl_lead();
   CUtensorMap tmap_k{}, tmap_v{};
-  const int tma_on = make_kv_maps(p, dev, &tmap_k, &tmap_v) ? 1 : 0;
+  int tma_on = make_kv_maps(p, dev, &tmap_k, &tmap_v) ? 1 : 0;
   const bool early = MT == 1 && teams == 1 && !kv_split && stages >= 2 && tma_on != 0 &&
                      plan_early_issue(p, dev, blocks, stages);
+  if (early && early_recheck_forced()) tma_on |= 2;
   if (early) {
     st = allow_smem(kernel1e, cache1e, device, smem);
     if (st != NSA_SEL_OK) return st;
