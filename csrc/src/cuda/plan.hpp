@@ -55,9 +55,9 @@ int plan_teams(const NsaSelParams& p, const DeviceInfo& dev, int& splits, int ti
 // loop): where it runs one stage.
 bool plan_kv_split(int stages);
 
-// Whether a one-team block of one m-tile and 2+ stages issues its first tile's tensor copies
-// before the block barrier (the kernel's EARLY variant), for a launch of `blocks` blocks of
-// `stages` stages.
+// Whether a one-team block of one m-tile and 2+ stages reads its ranges ahead of the wait for the
+// previous kernel and issues its first tiles right after it (the kernel's EARLY variant), for a
+// launch of `blocks` blocks of `stages` stages.
 bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks, int stages);
 // NSA_SEL_DEBUG_EARLY_TMA=3 (tests): as 2, and the EARLY kernel takes the check of the ranges it
 // read ahead as failed, so that it always runs its start-over path.

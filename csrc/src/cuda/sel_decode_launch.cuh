@@ -278,6 +278,7 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   const int pdl_lead = plan_pdl_lead();
   CUtensorMap tmap_k{}, tmap_v{};
   int tma_on = make_kv_maps(p, dev, &tmap_k, &tmap_v) ? 1 : 0;
+  // (The read ahead itself needs no tensor maps; the rule was measured with them only.)
   const bool early = MT == 1 && teams == 1 && !kv_split && stages >= 2 && tma_on != 0 &&
                      plan_early_issue(p, dev, blocks, stages);
   if (early && early_recheck_forced()) tma_on |= 2;
