@@ -12,7 +12,9 @@
 # NSA_SEL_DEBUG_EARLY_TMA=2: the early first-tile issue on every one-team plan of 2+ stages that
 # allows it, where by default only one wave of 2-stage blocks takes it), early_restart (the same
 # with NSA_SEL_DEBUG_EARLY_TMA=3: the early kernel takes the check of the ranges it read ahead as
-# failed and always starts over),
+# failed and always starts over), tma_all (the same with NSA_SEL_DEBUG_NO_TMA=2: the kernels with
+# the tensor-copy path on every plan, where by default the one-split plans without the split K/V
+# or early kernel take the kernels without it),
 # pytest (CUDA, strict), compute-sanitizer memcheck/racecheck/initcheck on the GPU tests named
 # *Sanitizer* (racecheck again with one stage forced, with four teams, and with the early issue),
 # bench.
@@ -167,6 +169,7 @@ step teams4 120 "${shards[@]}" NSA_SEL_DEBUG_TEAMS=4
 step splits16 120 "${shards[@]}" NSA_SEL_DEBUG_SPLITS=16
 step early 120 "${shards[@]}" NSA_SEL_DEBUG_EARLY_TMA=2
 step early_restart 120 "${shards[@]}" NSA_SEL_DEBUG_EARLY_TMA=3
+step tma_all 120 "${shards[@]}" NSA_SEL_DEBUG_NO_TMA=2
 step pytest 180 env "${strict_env[@]}" python3 -m pytest -q -rs nsa/tests
 step memcheck 60 "${sanitize[@]}" memcheck
 step racecheck 90 "${sanitize[@]}" racecheck

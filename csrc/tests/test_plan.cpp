@@ -44,7 +44,7 @@ const DeviceInfo kHopper{132, 9, 227 * 1024};
 
 void expect_default_plan() {
   for (const char* knob : {"NSA_SEL_DEBUG_SPLITS", "NSA_SEL_DEBUG_STAGES", "NSA_SEL_DEBUG_TEAMS",
-                           "NSA_SEL_DEBUG_EARLY_TMA"})
+                           "NSA_SEL_DEBUG_EARLY_TMA", "NSA_SEL_DEBUG_NO_TMA"})
     ASSERT_EQ(std::getenv(knob), nullptr) << knob << " is set: these tests check the default plan";
 }
 
@@ -95,6 +95,22 @@ TEST(Plan, EarlyIssueInOneWaveOfTwoStageBlocks) {
   EXPECT_FALSE(nsa_sel::plan_early_issue(b64, kHopper, 256, 6));
   EXPECT_FALSE(nsa_sel::plan_early_issue(shape(1, 4, 16, 192, 128, 65536, 16), kHopper, 64, 2));
   EXPECT_FALSE(nsa_sel::plan_early_issue(shape(64, 4, 16, 192, 128, 65536, 33), kHopper, 256, 2));
+}
+
+// The tensor-copy path is compiled into the kernel only where it was measured to pay: split rows
+// (B=1: 16 splits), the split K/V kernel (one stage) and the early kernel; the plain streaming
+// plans (one split: m125 B=128 with 6 stages, d128 B=64 with 3, m125 B=64 with four teams) take
+// the kernel without it.
+TEST(Plan, TensorCopyKernelWhereItPays) {
+  expect_default_plan();
+  EXPECT_TRUE(nsa_sel::plan_tma_kernel(16, false, false));
+  EXPECT_TRUE(nsa_sel::plan_tma_kernel(2, false, false));
+  EXPECT_TRUE(nsa_sel::plan_tma_kernel(1, true, false));
+  EXPECT_TRUE(nsa_sel::plan_tma_kernel(1, false, true));
+  EXPECT_FALSE(nsa_sel::plan_tma_kernel(1, false, false));
+  // The model configs' plans above: m125 B=128 and B=64 and d128 B=64 run one split.
+  EXPECT_EQ(plan_of(shape(128, 2, 6, 64, 64, 8192, 16), kHopper).splits, 1);
+  EXPECT_EQ(plan_of(shape(64, 4, 16, 128, 128, 32768, 16), kHopper).splits, 1);
 }
 
 // What every plan must satisfy, over a grid of shapes: the kernels exist for 1, 2 and 4 teams;

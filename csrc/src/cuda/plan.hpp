@@ -59,6 +59,10 @@ bool plan_kv_split(int stages);
 // previous kernel and issues its first tiles right after it (the kernel's EARLY variant), for a
 // launch of `blocks` blocks of `stages` stages.
 bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t blocks, int stages);
+// Whether the launch takes a kernel with the tensor-copy path compiled in (else the same kernel
+// without it, every tile by cp.async): where rows are split (few tiles a block, the first tile's
+// latency exposed), in the split K/V kernel and in the early kernel.
+bool plan_tma_kernel(int splits, bool kv_split, bool early);
 // NSA_SEL_DEBUG_EARLY_TMA=3 (tests): as 2, and the EARLY kernel takes the check of the ranges it
 // read ahead as failed, so that it always runs its start-over path.
 bool early_recheck_forced();

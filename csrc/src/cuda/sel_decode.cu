@@ -182,6 +182,21 @@ bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t bloc
          (stages == 2 && blocks > dev.sm_count && blocks <= 2 * static_cast<int64_t>(dev.sm_count));
 }
 
+// The tensor-copy path costs where it is compiled in even when no tile takes it: the v24 kernel
+// with the path compiled out (tma constexpr false, v24c) against the v24 kernel on one H200,
+// interleaved, cold graph us (NOTES.md v25): m125 B=128 (one team, 6 stages) 22.1, 22.1 against
+// 23.9, 23.9, and 23.7, 23.8 with the maps off (NSA_SEL_DEBUG_NO_TMA=1); d128 B=64 (one team, 3
+// stages) 37.9, 37.8 / 38.5, 38.5; m125 B=64 (four teams) 12.1, 12.3 / 12.4, 12.4. Where the path
+// is taken and pays it stays: rows split (nsa27b B=1 5.66, 5.60 without / 5.55, 5.49 with),
+// the split K/V kernel (d128 B=128 67.9, 68.0 / 67.7, 67.4; nsa27b B=128 even), and the early
+// kernel, whose rule was measured with it (nsa27b B=64 43.8, 43.8 / 43.7, 43.4). Even at nsa27b
+// B=16 (two teams, 2 splits). NSA_SEL_DEBUG_NO_TMA=2 takes the kernels with the path everywhere
+// (for A/B runs; 1 turns the tensor maps off).
+bool plan_tma_kernel(int splits, bool kv_split, bool early) {
+  static const bool everywhere = debug_knob("NSA_SEL_DEBUG_NO_TMA") == 2;
+  return everywhere || splits > 1 || kv_split || early;
+}
+
 // Tensor maps of K and V as 4D tensors [b][g][s_kv][d] (the kernel's tensor copies read boxes of
 // 64 tokens x 64 columns with the 128-byte swizzle). cuTensorMapEncodeTiled is a driver
 // function: its address is asked of the runtime once, so the library links no libcuda.

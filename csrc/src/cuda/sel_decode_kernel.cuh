@@ -385,7 +385,8 @@ __device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
 
 // (clang-format reads the product in __launch_bounds__ as a pointer type.)
 // clang-format off
-template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false, bool EARLY = false>
+template <typename T, int DK, int DV, int MT, int TEAMS, bool KV_SPLIT = false, bool EARLY = false,
+          bool TMA = true>
 __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
     sel_decode_kernel(const NsaSelParams p, const __grid_constant__ CUtensorMap tmap_k,
                       const __grid_constant__ CUtensorMap tmap_v, const int tma_on,
@@ -402,6 +403,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // slowed the kernel where it ran without it (NOTES.md v23b).
   static_assert(!EARLY || (TEAMS == 1 && MT == 1 && !KV_SPLIT),
                 "the early first-tile issue is for one-team, one-m-tile blocks of 2+ stages");
+  // TMA: the tensor-copy path is compiled in. Without it the kernel is the same but for every
+  // tile coming by cp.async: the path's code alone (taken or not) slowed the plain streaming
+  // pipeline (NOTES.md v25), so the launch picks the kernel without it there (plan_tma_kernel).
+  static_assert(!EARLY || TMA, "the early kernel's rule was measured with tensor copies");
   constexpr bool kv_split = KV_SPLIT;
   constexpr int teams = TEAMS;
   constexpr int nthreads = Tr::kThreads * TEAMS;  // == blockDim.x
@@ -448,7 +453,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // maps (bit 1: EARLY takes its ranges' check as failed, NSA_SEL_DEBUG_EARLY_TMA=3), and
   // the stages are where the maps' swizzle expects them (1024-byte aligned).
 #ifdef NSA_SEL_HAS_CLUSTERS
-  const bool tma = (tma_on & 1) != 0 && (smem_addr(smem) & 1023) == 0;
+  const bool tma = TMA && (tma_on & 1) != 0 && (smem_addr(smem) & 1023) == 0;
 #else
   constexpr bool tma = false;
   (void)tma_on;
@@ -649,7 +654,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
   // `early`: thread 0 of the team issued this tile's tensor copies already (the prologue).
   auto issue_loads = [&](int it, int stage, bool do_k = true, bool do_v = true,
                          bool early = false) {
-    const int t0 = tile_s[it % Tr::kTokBufs];
+    const int t0 = TMA ? tile_s[it % Tr::kTokBufs] : -1;  // (no tensor-copy code where !TMA)
     if (t0 >= 0) {  // team-uniform
       if (ttid == 0 && !early) issue_tma(t0, stage, do_k, do_v);
       tma_pending |= (do_k ? 1u : 0u) << (2 * stage) | (do_v ? 2u : 0u) << (2 * stage);

@@ -140,7 +140,11 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   auto kernel1s = sel_decode_kernel<T, DK, DV, MT, 1, MT == 1>;
   // The one-team kernel with the early first-tile issue (one m-tile; else kernel1's name).
   auto kernel1e = sel_decode_kernel<T, DK, DV, MT, 1, false, MT == 1>;
-  static KernelCache cache1, cache2, cache4, cache1s, cache1e;
+  // The one-, two- and four-team kernels without the tensor-copy path (plan_tma_kernel).
+  auto kernel1n = sel_decode_kernel<T, DK, DV, MT, 1, false, false, false>;
+  auto kernel2n = sel_decode_kernel<T, DK, DV, MT, kTeams2, false, false, false>;
+  auto kernel4n = sel_decode_kernel<T, DK, DV, MT, kTeams4, false, false, false>;
+  static KernelCache cache1, cache2, cache4, cache1s, cache1e, cache1n, cache2n, cache4n;
   bool kv_split = false;  // one team, one m-tile: the split K/V kernel (kernel1s below)
 
   const int splits1 = plan_splits(p, dev, Tr::kTileBytes, Tr::kMaxTeams);  // with one team
@@ -282,8 +286,24 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   const bool early = MT == 1 && teams == 1 && !kv_split && stages >= 2 && tma_on != 0 &&
                      plan_early_issue(p, dev, blocks, stages);
   if (early && early_recheck_forced()) tma_on |= 2;
-  if (early) {
-    st = allow_smem(kernel1e, cache1e, device, smem);
+  const bool with_tma = plan_tma_kernel(splits, kv_split, early);
+  if (!with_tma) tma_on = 0;
+  auto kernel = teams == 4 ? (with_tma ? kernel4 : kernel4n)
+                : teams == 2 ? (with_tma ? kernel2 : kernel2n)
+                : kv_split   ? kernel1s
+                : early      ? kernel1e
+                : with_tma   ? kernel1
+                             : kernel1n;
+  KernelCache& kc = teams == 4 ? (with_tma ? cache4 : cache4n)
+                    : teams == 2 ? (with_tma ? cache2 : cache2n)
+                    : kv_split   ? cache1s
+                    : early      ? cache1e
+                    : with_tma   ? cache1
+                                 : cache1n;
+  // (The plans above sized shared memory and asked occupancy of the kernels with the path; the
+  // one without it has the same layout and no more registers. Its opt-in is cached.)
+  if (early || !with_tma) {
+    st = allow_smem(kernel, kc, device, smem);
     if (st != NSA_SEL_OK) return st;
   }
   report_plan(p, splits, teams, stages, kv_split, smem, tma_on != 0, early);
@@ -291,16 +311,6 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
     return cudaLaunchKernelEx(&cfg, kernel, p, tmap_k, tmap_v, tma_on, scale_log2, splits, stages,
                               pdl_lead, trace);
   };
-  auto kernel = teams == 4 ? kernel4
-                : teams == 2 ? kernel2
-                : kv_split   ? kernel1s
-                : early      ? kernel1e
-                             : kernel1;
-  KernelCache& kc = teams == 4 ? cache4
-                    : teams == 2 ? cache2
-                    : kv_split   ? cache1s
-                    : early      ? cache1e
-                                 : cache1;
   // (The plans above asked clusters_fit of the kernel they launch where the cluster is past the
   // portable size; a forced plan may not have. The opt-in is idempotent and cached.)
   if (splits > kPortableCluster && !allow_big_clusters(kernel, kc, device))
