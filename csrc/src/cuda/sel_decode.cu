@@ -189,7 +189,7 @@ bool plan_early_issue(const NsaSelParams& p, const DeviceInfo& dev, int64_t bloc
 // stages) 37.9, 37.8 / 38.5, 38.5; m125 B=64 (four teams) 12.1, 12.3 / 12.4, 12.4. Where the path
 // is taken and pays it stays: rows split (nsa27b B=1 5.66, 5.60 without / 5.55, 5.49 with),
 // the split K/V kernel (d128 B=128 67.9, 68.0 / 67.7, 67.4; nsa27b B=128 even), and the early
-// kernel, whose rule was measured with it (nsa27b B=64 43.8, 43.8 / 43.7, 43.4). Even at nsa27b
+// kernel, whose rule was measured with it (nsa27b B=64 43.8-44.1 / 43.7, 43.4). Even at nsa27b
 // B=16 (two teams, 2 splits). NSA_SEL_DEBUG_NO_TMA=2 takes the kernels with the path everywhere
 // (for A/B runs; 1 turns the tensor maps off).
 bool plan_tma_kernel(int splits, bool kv_split, bool early) {
