@@ -280,14 +280,19 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
   cfg.numAttrs = n_attr;
   unsigned long long* trace = trace_records();
   const int pdl_lead = plan_pdl_lead();
+  // Tensor maps only for a kernel with the tensor-copy path. The early kernel needs them (the
+  // read ahead itself does not; its rule was measured with them only), so where they cannot be
+  // made the plan falls back to the plain kernel, with or without the path by the same rule.
+  const bool early_wanted = MT == 1 && teams == 1 && !kv_split && stages >= 2 &&
+                            plan_early_issue(p, dev, blocks, stages);
   CUtensorMap tmap_k{}, tmap_v{};
-  int tma_on = make_kv_maps(p, dev, &tmap_k, &tmap_v) ? 1 : 0;
-  // (The read ahead itself needs no tensor maps; the rule was measured with them only.)
-  const bool early = MT == 1 && teams == 1 && !kv_split && stages >= 2 && tma_on != 0 &&
-                     plan_early_issue(p, dev, blocks, stages);
+  int tma_on = plan_tma_kernel(splits, kv_split, early_wanted) &&
+                       make_kv_maps(p, dev, &tmap_k, &tmap_v)
+                   ? 1
+                   : 0;
+  const bool early = early_wanted && tma_on != 0;
   if (early && early_recheck_forced()) tma_on |= 2;
   const bool with_tma = plan_tma_kernel(splits, kv_split, early);
-  if (!with_tma) tma_on = 0;
   auto kernel = teams == 4 ? (with_tma ? kernel4 : kernel4n)
                 : teams == 2 ? (with_tma ? kernel2 : kernel2n)
                 : kv_split   ? kernel1s
