@@ -305,8 +305,10 @@ NsaSelStatus launch(const NsaSelParams& p, int device, const DeviceInfo& dev, cu
                     : early      ? cache1e
                     : with_tma   ? cache1
                                  : cache1n;
-  // (The plans above sized shared memory and asked occupancy of the kernels with the path; the
-  // one without it has the same layout and no more registers. Its opt-in is cached.)
+  // (The plans above sized shared memory and asked occupancy of the kernels with the path. The
+  // kernels without it have the same layout but their own register counts, some higher (ptxas,
+  // one team: d64 112 against 96, d192 164 against 156), so the one-stage rule's blocks-per-SM
+  // figure can be one above what such a kernel gets; NOTES.md v25. Its opt-in is cached.)
   if (early || !with_tma) {
     st = allow_smem(kernel, kc, device, smem);
     if (st != NSA_SEL_OK) return st;
