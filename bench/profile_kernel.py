@@ -86,8 +86,8 @@ def graph_us(sets, calls, fn=None):
 TRACE_LAUNCHES, TRACE_BLOCKS, TRACE_WORDS = 64, 2048, 32
 PHASES = [  # (from slot, to slot, name): the kernel's NSA_SEL_TRACE_MARK points
     (0, 1, "entry -> griddepcontrol.wait done"),
-    (1, 9, "ranges: loads + scan (warp 0)"),
-    (1, 2, "ranges to shared memory"),
+    (1, 9, "ranges: loads + scan (warp 0)"),  # the early kernel: its check of them
+    (1, 2, "ranges to shared memory"),  # the early kernel: the check and its barrier
     (2, 3, "first tile landed"),
     (3, 4, "main loop"),
     (4, 5, "block merge (+ store if unsplit)"),
