@@ -94,9 +94,37 @@ PHASES = [  # (from slot, to slot, name): the kernel's NSA_SEL_TRACE_MARK points
     (4, 11, "  wait for the block's other warps"),
     (11, 12, "  publish warp states"),
     (12, 5, "  merge (+ store)"),
+    (12, 13, "    split: merge"),
+    (13, 5, "    split: cluster barrier wait"),
     (5, 7, "split: push to owners + wait for peers"),
+    (5, 14, "  push issued"),
+    (14, 7, "  wait for the peers' pushes"),
     (7, 8, "split: owner combine + store"),
 ]
+CLOCK = 16  # slot 16 + i: clock64 at mark i (slot i: %globaltimer, in steps of about 32 ns)
+
+
+def phase_rows(recs):
+    """Per phase of PHASES, the median and p90 over every block of `recs` (one int64 array of
+    trace records [blocks, TRACE_WORDS] per call), and the SM clock. A block's phases are timed by
+    its SM's clock64 at the block's mean clock over the call (the globaltimer's 32 ns steps are as
+    long as some phases); spans across SMs (trace_report) use the globaltimer."""
+    import numpy as np
+
+    ghz = [(r[:, CLOCK + 6] - r[:, CLOCK]) / np.maximum(r[:, 6] - r[:, 0], 1) for r in recs]
+    rows = []
+    for a, b, name in PHASES:
+        d = []
+        for r, f in zip(recs, ghz):
+            ok = (r[:, a] > 0) & (r[:, b] >= r[:, a]) & (f > 0)
+            d.append((r[ok, CLOCK + b] - r[ok, CLOCK + a]) / f[ok] / 1e3)
+        d = np.concatenate(d) if d else np.zeros(0)
+        if d.size:
+            med, p90 = np.median(d), np.percentile(d, 90)
+            rows.append(f"  {name:38s} median {med:7.2f} us  p90 {p90:7.2f}")
+    mhz = np.concatenate([f * 1e3 for r, f in zip(recs, ghz) if r.size])
+    rows.append(f"  SM clock (clock64 / globaltimer)       median {np.median(mhz):7.0f} MHz")
+    return rows
 
 
 def trace_report(sets, calls, blocks, sel_bytes=0):
@@ -121,20 +149,7 @@ def trace_report(sets, calls, blocks, sel_bytes=0):
     nb = min(blocks, TRACE_BLOCKS)
     recs = [ring[k % TRACE_LAUNCHES, :nb].astype(np.int64) for k in range(seq - calls, seq)]
     recs = [r[r[:, 0] > 0] for r in recs]  # blocks of the grid (the ring starts zeroed)
-    rows = []
-    for a, b, name in PHASES:
-        d = []
-        for r in recs:
-            ok = (r[:, a] > 0) & (r[:, b] >= r[:, a])
-            d.append((r[ok, b] - r[ok, a]) / 1e3)
-        d = np.concatenate(d) if d else np.zeros(0)
-        if d.size:
-            med, p90 = np.median(d), np.percentile(d, 90)
-            rows.append(f"  {name:38s} median {med:7.2f} us  p90 {p90:7.2f}")
-    mhz = [(r[:, 22] - r[:, 16]) / np.maximum(r[:, 6] - r[:, 0], 1) * 1e3 for r in recs if r.size]
-    rows.append(
-        f"  SM clock (clock64 / globaltimer)       median {np.median(np.concatenate(mhz)):7.0f} MHz"
-    )
+    rows = phase_rows(recs)
     spans, gaps, ends, waits = [], [], [], []
     for i, r in enumerate(recs):
         if not r.size:

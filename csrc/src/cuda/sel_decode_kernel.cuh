@@ -359,7 +359,8 @@ __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, uint32_t parity)
 // Phase timestamps for tuning builds (-DNSA_SEL_TRACE=ON): thread 0 of each of the first
 // kTraceMaxBlocks blocks writes %globaltimer (ns, comparable across SMs) into slot `i` < 15 and
 // clock64 (SM cycles) into slot 16 + i of its 32-word record; slot 15 holds the SM id. Compiled out
-// otherwise (the trace pointer is then always null and unused).
+// otherwise (the trace pointer is then always null and unused). (%globaltimer ticks in steps of
+// about 32 ns on the H200, so profile_kernel.py times a block's phases by clock64.)
 constexpr int kTraceMaxBlocks = 2048;
 constexpr int kTraceWords = 32;
 #ifdef NSA_SEL_TRACE
@@ -1080,6 +1081,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
       reinterpret_cast<float*>(smem + Tr::off_recv(stages, teams));  // [splits][kHeads][DV/splits]
   float* recv_ml = recv_o + Tr::kHeads * DV;                         // [splits][kHeads][2]
   const int share = kGroups / splits;  // column groups per owner (splits divides kGroups)
+  NSA_SEL_TRACE_MARK(13);
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started
   NSA_SEL_TRACE_MARK(5);
   if (mh < p.h) {
@@ -1095,6 +1097,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, DK, DV, MT>::kThreads * TEAMS)
                  make_float2(m_blk, l_blk), bar);
     }
   }
+  NSA_SEL_TRACE_MARK(14);
   mbar_wait_phase0_cluster(recv_bar);
   NSA_SEL_TRACE_MARK(7);
   const int my_groups = static_cast<int>(p.h) * share;
